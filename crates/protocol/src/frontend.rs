@@ -1,0 +1,173 @@
+//! Borrowed views of the client messages the proxy must look into.
+//!
+//! Only the fields routing needs are decoded (statement text and names);
+//! the frame itself is forwarded as received.
+
+use crate::frame::Cursor;
+use crate::ProtoError;
+
+/// `Query`: one simple-protocol query string (may hold several statements).
+pub fn query(body: &[u8]) -> Result<&str, ProtoError> {
+    let mut c = Cursor::new(body, "Query");
+    let sql = c.cstr()?;
+    Ok(sql)
+}
+
+/// `Parse`: prepares `sql` as statement `name` ("" is the unnamed statement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parse<'a> {
+    pub name: &'a str,
+    pub sql: &'a str,
+}
+
+impl<'a> Parse<'a> {
+    /// # Errors
+    /// `Malformed`/`Utf8` when the body is not a Parse message.
+    pub fn parse(body: &'a [u8]) -> Result<Self, ProtoError> {
+        let mut c = Cursor::new(body, "Parse");
+        let name = c.cstr()?;
+        let sql = c.cstr()?;
+        let n = c.i16()?;
+        if n < 0 || c.rest().len() != n as usize * 4 {
+            return Err(ProtoError::Malformed { what: "Parse" });
+        }
+        Ok(Parse { name, sql })
+    }
+}
+
+/// `Bind`: binds statement `statement` into portal `portal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bind<'a> {
+    pub portal: &'a str,
+    pub statement: &'a str,
+}
+
+impl<'a> Bind<'a> {
+    /// Decodes only the two names; parameters stay in the frame.
+    ///
+    /// # Errors
+    /// `Malformed`/`Utf8` when the names are missing.
+    pub fn parse(body: &'a [u8]) -> Result<Self, ProtoError> {
+        let mut c = Cursor::new(body, "Bind");
+        let portal = c.cstr()?;
+        let statement = c.cstr()?;
+        Ok(Bind { portal, statement })
+    }
+}
+
+/// What a Describe or Close names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Object<'a> {
+    Statement(&'a str),
+    Portal(&'a str),
+}
+
+/// `Describe` and `Close` share a layout: a kind byte and a name.
+///
+/// # Errors
+/// `Malformed` for an unknown kind byte or a missing terminator.
+pub fn object<'a>(body: &'a [u8], what: &'static str) -> Result<Object<'a>, ProtoError> {
+    let mut c = Cursor::new(body, what);
+    let kind = c.u8()?;
+    let name = c.cstr()?;
+    match kind {
+        b'S' => Ok(Object::Statement(name)),
+        b'P' => Ok(Object::Portal(name)),
+        _ => Err(ProtoError::Malformed { what }),
+    }
+}
+
+/// `Execute`: runs portal `portal`.
+///
+/// # Errors
+/// `Malformed`/`Utf8` for a broken body.
+pub fn execute(body: &[u8]) -> Result<&str, ProtoError> {
+    let mut c = Cursor::new(body, "Execute");
+    let portal = c.cstr()?;
+    c.i32()?;
+    Ok(portal)
+}
+
+/// `PasswordMessage` (cleartext or md5 hash).
+///
+/// # Errors
+/// `Malformed` for a missing terminator.
+pub fn password(body: &[u8]) -> Result<&[u8], ProtoError> {
+    Cursor::new(body, "PasswordMessage").cbytes()
+}
+
+/// `SASLInitialResponse`: the chosen mechanism and the client-first message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaslInitial<'a> {
+    pub mechanism: &'a str,
+    pub data: &'a [u8],
+}
+
+impl<'a> SaslInitial<'a> {
+    /// # Errors
+    /// `Malformed` when the declared data length does not match.
+    pub fn parse(body: &'a [u8]) -> Result<Self, ProtoError> {
+        let mut c = Cursor::new(body, "SASLInitialResponse");
+        let mechanism = c.cstr()?;
+        let len = c.i32()?;
+        let data = if len < 0 {
+            &[][..]
+        } else {
+            c.take(len as usize)?
+        };
+        if !c.is_empty() {
+            return Err(ProtoError::Malformed {
+                what: "SASLInitialResponse",
+            });
+        }
+        Ok(SaslInitial { mechanism, data })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{encode, frame::decode};
+    use bytes::BytesMut;
+
+    #[test]
+    fn round_trips_extended_messages() {
+        let mut w = BytesMut::new();
+        encode::parse(&mut w, "s1", "SELECT $1", &[23]);
+        encode::bind(&mut w, "p1", "s1", &[Some(b"42")]);
+        encode::describe(&mut w, b'P', "p1");
+        encode::execute(&mut w, "p1", 0);
+        encode::close(&mut w, b'S', "s1");
+        let f = decode(&mut w, 1 << 20).unwrap().unwrap();
+        assert_eq!(
+            Parse::parse(f.body()).unwrap(),
+            Parse {
+                name: "s1",
+                sql: "SELECT $1"
+            }
+        );
+        let f = decode(&mut w, 1 << 20).unwrap().unwrap();
+        assert_eq!(
+            Bind::parse(f.body()).unwrap(),
+            Bind {
+                portal: "p1",
+                statement: "s1"
+            }
+        );
+        let f = decode(&mut w, 1 << 20).unwrap().unwrap();
+        assert_eq!(object(f.body(), "Describe").unwrap(), Object::Portal("p1"));
+        let f = decode(&mut w, 1 << 20).unwrap().unwrap();
+        assert_eq!(execute(f.body()).unwrap(), "p1");
+        let f = decode(&mut w, 1 << 20).unwrap().unwrap();
+        assert_eq!(object(f.body(), "Close").unwrap(), Object::Statement("s1"));
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors() {
+        assert!(query(b"no terminator").is_err());
+        assert!(Parse::parse(b"s\0SELECT 1\0\0\x05").is_err());
+        assert!(object(b"Xname\0", "Close").is_err());
+        assert!(SaslInitial::parse(b"SCRAM-SHA-256\0\0\0\0\x10abc").is_err());
+        assert!(query(b"\xff\xfe\0").is_err());
+    }
+}
