@@ -1,1 +1,154 @@
-fn main() {}
+//! The `pgsplit` binary: parses the command line, loads the configuration
+//! and runs the proxy (or the local lab). All logic lives in the library
+//! crates, so tests drive the same code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use pgsplit_server::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(
+    name = "pgsplit",
+    version,
+    about = "Read/write-splitting PostgreSQL proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args, Clone, Default)]
+struct RunArgs {
+    /// Configuration file (TOML).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:6432).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Primary as postgres://user:password@host:port/db (quick mode: these
+    /// credentials are also what clients log in with).
+    #[arg(long)]
+    primary: Option<String>,
+    /// Replica as postgres://user:password@host:port/db.
+    #[arg(long)]
+    replica: Option<String>,
+    /// Override any configuration key: --set timeouts.connect_timeout=2s
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local primary + streaming replica from the installed
+    /// PostgreSQL binaries, with pgsplit in front of them.
+    Lab {
+        /// Address for pgsplit to listen on.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PGSPLIT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    match cli.command {
+        Some(Command::Lab { listen }) => lab(listen),
+        None => run(cli.run),
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let overrides = Overrides {
+        listen: args.listen,
+        primary_url: args.primary,
+        replica_url: args.replica,
+        set: args.set,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pgsplit: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    if config.users.is_empty() {
+        eprintln!("pgsplit: no users configured: add [[users]] to the file or give --primary postgres://user:password@host:port/db");
+        return ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgsplit: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match pgsplit_server::bind(&config).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("pgsplit: cannot listen on {}: {e}", config.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        match pgsplit_server::serve(listener, Arc::new(config), shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pgsplit: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn lab(listen: std::net::SocketAddr) -> ExitCode {
+    match pgsplit_lab::stack::run_interactive(listen, shutdown_signal()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgsplit lab: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The whole lab: a primary and a streaming replica, a fault tunnel on the
+//! path to the primary (the SSH tunnel of production), and pgsplit in front.
+//! Used by `pgsplit lab`, the integration tests and the benchmarks.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use pgsplit_server::config::{Config, Overrides};
+
+use crate::proxy::RunningProxy;
+use crate::{Cluster, LabError, LabOptions, Tunnel};
+
+/// How to build a [`Stack`].
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub lab: LabOptions,
+    /// Where pgsplit listens; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// `section.key=value` overrides for the proxy's configuration.
+    pub set: Vec<String>,
+    /// Extra TOML prepended to the proxy's configuration (e.g. more users).
+    pub toml: String,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            lab: LabOptions::default(),
+            listen: "127.0.0.1:0".parse().expect("literal"),
+            set: Vec::new(),
+            toml: String::new(),
+        }
+    }
+}
+
+/// Servers, tunnel and proxy; dropping it stops everything and removes the
+/// data.
+pub struct Stack {
+    // Field order is drop order: the proxy first, then the tunnel, then the servers.
+    proxy: Option<RunningProxy>,
+    tunnel: Tunnel,
+    cluster: Cluster,
+    opts: StackOptions,
+}
+
+impl Stack {
+    /// Starts everything.
+    ///
+    /// # Errors
+    /// A [`LabError`] from the servers or the proxy's configuration.
+    pub fn start(opts: StackOptions) -> Result<Stack, LabError> {
+        let cluster = Cluster::start(opts.lab.clone())?;
+        let tunnel = Tunnel::start(cluster.primary_addr()).map_err(|source| LabError::Io {
+            context: "starting the primary tunnel".into(),
+            source,
+        })?;
+        let mut stack = Stack {
+            proxy: None,
+            tunnel,
+            cluster,
+            opts,
+        };
+        stack.restart_proxy(&[])?;
+        Ok(stack)
+    }
+
+    /// The proxy configuration this stack runs, with `extra` overrides.
+    ///
+    /// # Errors
+    /// `LabError::Config` when the overrides are invalid.
+    pub fn proxy_config(&self, extra: &[String]) -> Result<Config, LabError> {
+        let o = &self.opts.lab;
+        let mut set = self.opts.set.clone();
+        set.extend_from_slice(extra);
+        let overrides = Overrides {
+            listen: Some(self.opts.listen),
+            primary_url: Some(format!(
+                "postgres://{}:{}@{}/{}",
+                o.user,
+                o.password,
+                self.tunnel.addr(),
+                o.database
+            )),
+            replica_url: Some(format!(
+                "postgres://{}:{}@{}/{}",
+                o.user,
+                o.password,
+                self.cluster.replica_addr(),
+                o.database
+            )),
+            set,
+        };
+        Config::from_toml(&self.opts.toml, &overrides).map_err(|e| LabError::Config(e.to_string()))
+    }
+
+    /// Replaces the running proxy with one using `extra` overrides.
+    ///
+    /// # Errors
+    /// Invalid overrides or a bind failure.
+    pub fn restart_proxy(&mut self, extra: &[String]) -> Result<(), LabError> {
+        let config = self.proxy_config(extra)?;
+        self.proxy = None;
+        let proxy = RunningProxy::start(config).map_err(|source| LabError::Io {
+            context: "starting pgsplit".into(),
+            source,
+        })?;
+        self.proxy = Some(proxy);
+        Ok(())
+    }
+
+    pub fn proxy(&self) -> &RunningProxy {
+        self.proxy.as_ref().expect("proxy running")
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy().addr()
+    }
+
+    /// libpq keyword/value connection string for the proxy.
+    pub fn conn_string(&self) -> String {
+        let o = &self.opts.lab;
+        let a = self.proxy_addr();
+        format!(
+            "host={} port={} user={} password={} dbname={}",
+            a.ip(),
+            a.port(),
+            o.user,
+            o.password,
+            o.database
+        )
+    }
+
+    /// `postgres://` URL for the proxy (what an app's DATABASE_URL holds).
+    pub fn url(&self) -> String {
+        let o = &self.opts.lab;
+        format!(
+            "postgres://{}:{}@{}/{}",
+            o.user,
+            o.password,
+            self.proxy_addr(),
+            o.database
+        )
+    }
+
+    /// The tunnel between pgsplit and the primary.
+    pub fn tunnel(&self) -> &Tunnel {
+        &self.tunnel
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    pub fn cluster_mut(&mut self) -> &mut Cluster {
+        &mut self.cluster
+    }
+
+    pub fn options(&self) -> &StackOptions {
+        &self.opts
+    }
+}
+
+/// `pgsplit lab`: starts a stack on `listen`, prints how to use it, and
+/// tears everything down when `shutdown` completes.
+///
+/// # Errors
+/// A [`LabError`] when the servers or the proxy cannot start.
+pub fn run_interactive(
+    listen: SocketAddr,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), LabError> {
+    eprintln!("pgsplit lab: starting a primary and a streaming replica…");
+    let stack = Stack::start(StackOptions {
+        listen,
+        ..Default::default()
+    })?;
+    let c = stack.cluster();
+    let url = stack.url();
+    println!();
+    println!(
+        "  primary  {}   (pgsplit reaches it through a tunnel at {})",
+        c.primary_addr(),
+        stack.tunnel().addr()
+    );
+    println!(
+        "  replica  {}   (streaming from the primary)",
+        c.replica_addr()
+    );
+    println!("  pgsplit  {}", stack.proxy_addr());
+    println!();
+    println!("  DATABASE_URL={url}");
+    println!();
+    println!("  psql \"{url}\" -c 'SELECT inet_server_port()'     # a read: the replica's port");
+    println!("  psql \"{url}\" -c 'CREATE TABLE t (x int); INSERT INTO t VALUES (1)'");
+    println!("  pgbench -i \"{url}\" && pgbench -S -c 4 -T 10 \"{url}\"");
+    println!();
+    println!(
+        "  Ctrl-C stops everything and removes the data ({}).",
+        c.dir().display()
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| LabError::Io {
+            context: "runtime".into(),
+            source,
+        })?;
+    rt.block_on(shutdown);
+    eprintln!("pgsplit lab: stopping…");
+    drop(stack);
+    Ok(())
+}

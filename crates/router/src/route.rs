@@ -1,0 +1,276 @@
+//! The routing decision: a statement's class plus the session's state in,
+//! a target out. Pure: no I/O, no clock, no configuration lookups, so every
+//! rule is unit- and property-tested without a server.
+
+use crate::{Class, Stage, StmtKind, Target};
+
+/// What the session knows that routing depends on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionState {
+    /// The backend that holds the client's open transaction block.
+    pub txn: Option<Target>,
+    /// The session holds state that cannot be replayed (LISTEN, temporary
+    /// tables, …) and must stay on the primary.
+    pub pinned: bool,
+    /// Part of the current extended-protocol batch was already sent (a
+    /// Flush came before Sync), so the rest must follow it.
+    pub bound: Option<Target>,
+}
+
+/// Where a statement goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    Primary,
+    Replica,
+    /// Harmless anywhere (SET outside a block, a stray COMMIT): the server
+    /// uses a backend it already has open, the replica first.
+    AnyOpen,
+}
+
+/// Why, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Bound,
+    Transaction,
+    Pinned,
+    Hint,
+    Read,
+    Write,
+    ReadOnlyTransaction,
+    Unclassified,
+    Anywhere,
+}
+
+impl Reason {
+    /// A stable label for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Bound => "bound",
+            Reason::Transaction => "transaction",
+            Reason::Pinned => "pinned",
+            Reason::Hint => "hint",
+            Reason::Read => "read",
+            Reason::Write => "write",
+            Reason::ReadOnlyTransaction => "read_only_transaction",
+            Reason::Unclassified => "unclassified",
+            Reason::Anywhere => "anywhere",
+        }
+    }
+}
+
+/// The decision for one statement or batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub choice: Choice,
+    pub reason: Reason,
+    /// From now on the session must stay on the primary.
+    pub pin: bool,
+}
+
+fn to(target: Target) -> Choice {
+    match target {
+        Target::Primary => Choice::Primary,
+        Target::Replica => Choice::Replica,
+    }
+}
+
+/// Combines the classes of the statements of one extended-protocol batch
+/// (they run as one implicit transaction, so on one backend).
+pub fn combine(a: &Class, b: &Class) -> Class {
+    Class {
+        kind: a.kind.combine(b.kind),
+        hint: b.hint.or(a.hint),
+        statements: a.statements.saturating_add(b.statements),
+        stage: if a.stage == Stage::Parser || b.stage == Stage::Parser {
+            Stage::Parser
+        } else {
+            Stage::Lexer
+        },
+    }
+}
+
+/// Decides where `class` runs given the session's state.
+///
+/// Order of precedence: a batch already bound to a backend, the backend
+/// of an open transaction block, a pinned session, a comment hint (a
+/// replica hint never moves a statement that needs the primary), then the
+/// statement's own class.
+pub fn route(class: &Class, s: &SessionState) -> Decision {
+    let pin = class.kind == StmtKind::Pin;
+    let d = |choice, reason| Decision {
+        choice,
+        reason,
+        pin,
+    };
+    if let Some(t) = s.bound {
+        return d(to(t), Reason::Bound);
+    }
+    if let Some(t) = s.txn {
+        return d(to(t), Reason::Transaction);
+    }
+    if s.pinned || pin {
+        return d(Choice::Primary, Reason::Pinned);
+    }
+    match class.hint {
+        Some(Target::Primary) => return d(Choice::Primary, Reason::Hint),
+        Some(Target::Replica) if !class.kind.needs_primary() || class.kind == StmtKind::Unknown => {
+            if class.kind != StmtKind::Pin {
+                return d(Choice::Replica, Reason::Hint);
+            }
+        }
+        _ => {}
+    }
+    match class.kind {
+        StmtKind::Empty | StmtKind::Read => d(Choice::Replica, Reason::Read),
+        StmtKind::Begin { read_only: true } => d(Choice::Replica, Reason::ReadOnlyTransaction),
+        StmtKind::Begin { read_only: false } | StmtKind::Write | StmtKind::Pin => {
+            d(Choice::Primary, Reason::Write)
+        }
+        StmtKind::Unknown => d(Choice::Primary, Reason::Unclassified),
+        StmtKind::Session | StmtKind::TxnScoped | StmtKind::Commit | StmtKind::Rollback => {
+            d(Choice::AnyOpen, Reason::Anywhere)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn class(kind: StmtKind, hint: Option<Target>) -> Class {
+        Class {
+            kind,
+            hint,
+            statements: 1,
+            stage: Stage::Lexer,
+        }
+    }
+
+    #[test]
+    fn reads_go_to_the_replica_and_writes_to_the_primary() {
+        let s = SessionState::default();
+        assert_eq!(
+            route(&class(StmtKind::Read, None), &s).choice,
+            Choice::Replica
+        );
+        assert_eq!(
+            route(&class(StmtKind::Write, None), &s).choice,
+            Choice::Primary
+        );
+        assert_eq!(
+            route(&class(StmtKind::Unknown, None), &s).reason,
+            Reason::Unclassified
+        );
+        assert_eq!(
+            route(&class(StmtKind::Begin { read_only: true }, None), &s).choice,
+            Choice::Replica
+        );
+        assert_eq!(
+            route(&class(StmtKind::Begin { read_only: false }, None), &s).choice,
+            Choice::Primary
+        );
+        assert_eq!(
+            route(&class(StmtKind::Session, None), &s).choice,
+            Choice::AnyOpen
+        );
+    }
+
+    #[test]
+    fn an_open_block_keeps_its_backend() {
+        let s = SessionState {
+            txn: Some(Target::Primary),
+            ..Default::default()
+        };
+        let d = route(&class(StmtKind::Read, None), &s);
+        assert_eq!((d.choice, d.reason), (Choice::Primary, Reason::Transaction));
+        let s = SessionState {
+            txn: Some(Target::Replica),
+            ..Default::default()
+        };
+        assert_eq!(
+            route(&class(StmtKind::Write, None), &s).choice,
+            Choice::Replica
+        );
+    }
+
+    #[test]
+    fn pins_and_hints() {
+        let d = route(&class(StmtKind::Pin, None), &SessionState::default());
+        assert!(d.pin);
+        assert_eq!(d.choice, Choice::Primary);
+        let pinned = SessionState {
+            pinned: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            route(&class(StmtKind::Read, None), &pinned).choice,
+            Choice::Primary
+        );
+        let s = SessionState::default();
+        assert_eq!(
+            route(&class(StmtKind::Read, Some(Target::Primary)), &s).choice,
+            Choice::Primary
+        );
+        assert_eq!(
+            route(&class(StmtKind::Unknown, Some(Target::Replica)), &s).choice,
+            Choice::Replica
+        );
+        assert_eq!(
+            route(&class(StmtKind::Write, Some(Target::Replica)), &s).choice,
+            Choice::Primary,
+            "a hint never sends a write to the replica"
+        );
+    }
+
+    fn any_kind() -> impl Strategy<Value = StmtKind> {
+        prop_oneof![
+            Just(StmtKind::Empty),
+            Just(StmtKind::Read),
+            Just(StmtKind::Write),
+            any::<bool>().prop_map(|read_only| StmtKind::Begin { read_only }),
+            Just(StmtKind::Commit),
+            Just(StmtKind::Rollback),
+            Just(StmtKind::TxnScoped),
+            Just(StmtKind::Session),
+            Just(StmtKind::Pin),
+            Just(StmtKind::Unknown),
+        ]
+    }
+
+    fn any_target() -> impl Strategy<Value = Option<Target>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(Target::Primary)),
+            Just(Some(Target::Replica))
+        ]
+    }
+
+    proptest! {
+        /// Outside a transaction block or a bound batch, nothing that needs
+        /// the primary is ever sent to the replica, whatever the hints.
+        #[test]
+        fn writes_never_hit_the_replica(kind in any_kind(), hint in any_target(), pinned in any::<bool>()) {
+            let s = SessionState { pinned, ..Default::default() };
+            let d = route(&class(kind, hint), &s);
+            if kind.needs_primary() && kind != StmtKind::Unknown {
+                prop_assert_eq!(d.choice, Choice::Primary);
+            }
+            if pinned {
+                prop_assert_eq!(d.choice, Choice::Primary);
+            }
+        }
+
+        /// An open block or a bound batch always stays on its backend.
+        #[test]
+        fn blocks_stay_on_their_backend(kind in any_kind(), hint in any_target(), t in any_target(), b in any_target()) {
+            let s = SessionState { txn: t, bound: b, pinned: false };
+            let d = route(&class(kind, hint), &s);
+            if let Some(b) = b {
+                prop_assert_eq!(d.choice, to(b));
+            } else if let Some(t) = t {
+                prop_assert_eq!(d.choice, to(t));
+            }
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! One connection from pgsplit to a PostgreSQL server: connect, log in with
+//! the proxy's own credentials for that server, and learn the server's
+//! ParameterStatus values and cancel key.
+//!
+//! After login the connection is a byte pipe: the session writes client
+//! frames into it and scans what comes back (see `session::relay`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use pgsplit_protocol::backend::{self as msg, Auth};
+use pgsplit_protocol::{encode, frame, tag, ProtoError};
+use pgsplit_router::Target;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Backend messages during login are small; anything bigger is a broken peer.
+const MAX_LOGIN_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Why a backend connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot resolve {addr}")]
+    Resolve { addr: String },
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out after {0:?} connecting to the server")]
+    Timeout(Duration),
+    #[error("connection to the server lost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("server closed the connection during login")]
+    Closed,
+    /// The server refused the login with an ErrorResponse (wrong database,
+    /// wrong backend credentials, too many connections, shutting down…).
+    #[error("server refused the connection: {severity} {code} {message}")]
+    Refused {
+        severity: String,
+        code: String,
+        message: String,
+    },
+    #[error("server asked for an authentication method pgsplit does not support ({0})")]
+    UnsupportedAuth(i32),
+    #[error("server asked for a password but none is configured for backend user {0:?}")]
+    NoPassword(String),
+    #[error("SCRAM exchange with the server failed: {0}")]
+    Scram(String),
+    #[error("invalid message from the server: {0}")]
+    Protocol(#[from] ProtoError),
+}
+
+/// What to log in as.
+#[derive(Clone)]
+pub struct Login<'a> {
+    pub user: &'a str,
+    pub password: Option<&'a str>,
+    pub database: &'a str,
+    /// Client startup parameters passed through (application_name, …).
+    pub params: &'a [(String, String)],
+}
+
+/// An authenticated connection to one server.
+pub struct BackendConn {
+    pub stream: TcpStream,
+    /// Bytes read from the server and not yet relayed.
+    pub rbuf: BytesMut,
+    pub target: Target,
+    pub addr: SocketAddr,
+    /// The server's cancel key.
+    pub pid: i32,
+    pub secret: i32,
+    /// ParameterStatus values reported at login.
+    pub params: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for BackendConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConn")
+            .field("target", &self.target)
+            .field("addr", &self.addr)
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves `host:port`, preferring the first address.
+pub async fn resolve(host: &str, port: u16) -> Result<SocketAddr, BackendError> {
+    let addr = format!("{host}:{port}");
+    tokio::net::lookup_host(&addr)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or(BackendError::Resolve { addr })
+}
+
+impl BackendConn {
+    /// Connects and logs in, all within `timeout`.
+    ///
+    /// # Errors
+    /// A [`BackendError`] saying which step failed.
+    pub async fn connect(
+        target: Target,
+        host: &str,
+        port: u16,
+        login: &Login<'_>,
+        timeout: Duration,
+    ) -> Result<BackendConn, BackendError> {
+        tokio::time::timeout(timeout, Self::connect_inner(target, host, port, login))
+            .await
+            .map_err(|_| BackendError::Timeout(timeout))?
+    }
+
+    async fn connect_inner(
+        target: Target,
+        host: &str,
+        port: u16,
+        login: &Login<'_>,
+    ) -> Result<BackendConn, BackendError> {
+        let addr = resolve(host, port).await?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| BackendError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        stream.set_nodelay(true)?;
+        let mut conn = BackendConn {
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            target,
+            addr,
+            pid: 0,
+            secret: 0,
+            params: Vec::new(),
+        };
+        conn.login(login).await?;
+        Ok(conn)
+    }
+
+    async fn login(&mut self, login: &Login<'_>) -> Result<(), BackendError> {
+        let mut w = BytesMut::new();
+        let mut params: Vec<(&str, &str)> =
+            vec![("user", login.user), ("database", login.database)];
+        for (k, v) in login.params {
+            if !matches!(k.as_str(), "user" | "database" | "replication") {
+                params.push((k, v));
+            }
+        }
+        encode::startup_message(&mut w, &params);
+        self.stream.write_all(&w).await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let f = self.read_login_frame().await?;
+            match f.tag() {
+                tag::backend::AUTHENTICATION => {
+                    let mut w = BytesMut::new();
+                    match msg::authentication(f.body())? {
+                        Auth::Ok => continue,
+                        Auth::Cleartext => {
+                            let pw = self.password(login)?;
+                            encode::password_message(&mut w, pw.as_bytes());
+                        }
+                        Auth::Md5 { salt } => {
+                            let pw = self.password(login)?;
+                            let stored = pgsplit_protocol::md5::stored(login.user, pw);
+                            let resp = pgsplit_protocol::md5::response_from_stored(&stored, salt);
+                            encode::password_message(&mut w, resp.as_bytes());
+                        }
+                        Auth::Sasl { mechanisms } => {
+                            let offered =
+                                mechanisms.split(|b| *b == 0).any(|m| m == b"SCRAM-SHA-256");
+                            if !offered {
+                                return Err(BackendError::UnsupportedAuth(10));
+                            }
+                            let pw = self.password(login)?;
+                            let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                            encode::sasl_initial_response(&mut w, "SCRAM-SHA-256", s.message());
+                            scram = Some(s);
+                        }
+                        Auth::SaslContinue { data } => {
+                            let s = scram
+                                .as_mut()
+                                .ok_or(BackendError::Scram("unexpected continue".into()))?;
+                            s.update(data)
+                                .map_err(|e| BackendError::Scram(e.to_string()))?;
+                            encode::sasl_response(&mut w, s.message());
+                        }
+                        Auth::SaslFinal { data } => {
+                            let mut s = scram
+                                .take()
+                                .ok_or(BackendError::Scram("unexpected final".into()))?;
+                            s.finish(data)
+                                .map_err(|e| BackendError::Scram(e.to_string()))?;
+                            continue;
+                        }
+                        Auth::Unsupported(code) => return Err(BackendError::UnsupportedAuth(code)),
+                    }
+                    self.stream.write_all(&w).await?;
+                }
+                tag::backend::PARAMETER_STATUS => {
+                    let (k, v) = msg::parameter_status(f.body())?;
+                    self.params.push((k.to_owned(), v.to_owned()));
+                }
+                tag::backend::BACKEND_KEY_DATA => {
+                    (self.pid, self.secret) = msg::backend_key_data(f.body())?;
+                }
+                tag::backend::READY_FOR_QUERY => return Ok(()),
+                tag::backend::ERROR_RESPONSE => {
+                    let e = msg::ErrorFields::parse(f.body())?;
+                    return Err(BackendError::Refused {
+                        severity: e.severity.to_owned(),
+                        code: e.code.to_owned(),
+                        message: e.message.to_owned(),
+                    });
+                }
+                // NoticeResponse, NegotiateProtocolVersion: nothing to do.
+                _ => {}
+            }
+        }
+    }
+
+    fn password<'a>(&self, login: &Login<'a>) -> Result<&'a str, BackendError> {
+        login
+            .password
+            .ok_or_else(|| BackendError::NoPassword(login.user.to_owned()))
+    }
+
+    async fn read_login_frame(&mut self) -> Result<frame::Frame, BackendError> {
+        loop {
+            if let Some(f) = frame::decode(&mut self.rbuf, MAX_LOGIN_MESSAGE_BYTES)? {
+                return Ok(f);
+            }
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(BackendError::Closed);
+            }
+        }
+    }
+
+    /// Runs `sql` with the simple protocol and discards its results; used to
+    /// replay session settings. Returns the first error's SQLSTATE, if any.
+    ///
+    /// # Errors
+    /// I/O or protocol errors (the connection is then unusable).
+    pub async fn run_silent(&mut self, sql: &str) -> Result<Option<String>, BackendError> {
+        let mut w = BytesMut::new();
+        encode::query(&mut w, sql);
+        self.stream.write_all(&w).await?;
+        let mut err = None;
+        loop {
+            let f = self.read_frame(usize::MAX >> 1).await?;
+            match f.tag() {
+                tag::backend::ERROR_RESPONSE => {
+                    let e = msg::ErrorFields::parse(f.body())?;
+                    if e.is_fatal() {
+                        return Err(BackendError::Closed);
+                    }
+                    err.get_or_insert_with(|| e.code.to_owned());
+                }
+                tag::backend::READY_FOR_QUERY => return Ok(err),
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads one whole frame (used off the relay path).
+    ///
+    /// # Errors
+    /// I/O errors, `Closed` at EOF, protocol errors.
+    pub async fn read_frame(&mut self, max: usize) -> Result<frame::Frame, BackendError> {
+        loop {
+            if let Some(f) = frame::decode(&mut self.rbuf, max.min(i32::MAX as usize))? {
+                return Ok(f);
+            }
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(BackendError::Closed);
+            }
+        }
+    }
+
+    /// A ParameterStatus value reported at login.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Checks, without waiting, whether the server closed this idle
+    /// connection (shutdown, idle timeout, a cut tunnel that was noticed).
+    /// Pending bytes (a FATAL, a notice) are kept in `rbuf`.
+    pub fn is_closed_while_idle(&mut self) -> bool {
+        loop {
+            match self.stream.try_read_buf(&mut self.rbuf) {
+                Ok(0) => return true,
+                Ok(_) => {
+                    if self.rbuf_has_fatal() {
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(_) => return true,
+            }
+        }
+    }
+
+    fn rbuf_has_fatal(&self) -> bool {
+        let mut at = 0;
+        while let Ok(Some((t, len))) = frame::peek(&self.rbuf[at..], usize::MAX >> 1) {
+            if self.rbuf.len() < at + len {
+                return false;
+            }
+            if t == tag::backend::ERROR_RESPONSE {
+                if let Ok(e) = msg::ErrorFields::parse(&self.rbuf[at + 5..at + len]) {
+                    if e.is_fatal() {
+                        return true;
+                    }
+                }
+            }
+            at += len;
+        }
+        false
+    }
+
+    /// Sends Terminate and closes, ignoring errors (best effort).
+    pub async fn terminate(mut self) {
+        let mut w = BytesMut::new();
+        encode::terminate(&mut w);
+        let _ = tokio::time::timeout(Duration::from_millis(100), self.stream.write_all(&w)).await;
+    }
+}
+
+/// Sends a CancelRequest for the statement running on (`pid`, `secret`).
+///
+/// # Errors
+/// Connect or write failures.
+pub async fn send_cancel(
+    addr: SocketAddr,
+    pid: i32,
+    secret: i32,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    let fut = async {
+        let mut s = TcpStream::connect(addr).await?;
+        let mut w = BytesMut::new();
+        encode::cancel_request(&mut w, pid, secret);
+        s.write_all(&w).await?;
+        // The server closes without answering; wait for that so the cancel
+        // is processed before we return.
+        let mut sink = [0u8; 16];
+        let _ = s.read(&mut sink).await;
+        Ok(())
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel timed out"))?
+}

@@ -1,0 +1,533 @@
+//! The proxy's configuration: one struct, loaded from TOML, overridden from
+//! the command line, then validated. Unknown keys are errors, durations are
+//! written `5s` / `200ms`, and an invalid setup is an `Err`, never a warning.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Why a configuration was refused; each message names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid --set {0:?}: expected section.key=value")]
+    BadOverride(String),
+    #[error("invalid URL for {which}: {reason}")]
+    BadUrl { which: &'static str, reason: String },
+    #[error("invalid configuration: {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+/// Everything the proxy needs to run.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address clients connect to (the app's `DATABASE_URL` points here).
+    pub listen: SocketAddr,
+    /// The primary, usually reached through the SSH tunnel on 5433.
+    pub primary: BackendAddr,
+    /// The local streaming replica.
+    pub replica: BackendAddr,
+    /// Largest message accepted from a client after authentication.
+    pub max_message_bytes: usize,
+    /// Client connections accepted at once; more get FATAL 53300.
+    pub max_client_connections: usize,
+    pub timeouts: Timeouts,
+    pub routing: Routing,
+    /// Users clients may log in as.
+    pub users: Vec<User>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:6432".parse().expect("literal"),
+            primary: BackendAddr {
+                host: "127.0.0.1".into(),
+                port: 5433,
+            },
+            replica: BackendAddr {
+                host: "127.0.0.1".into(),
+                port: 5432,
+            },
+            max_message_bytes: pgsplit_protocol::DEFAULT_MAX_MESSAGE_BYTES,
+            max_client_connections: 1000,
+            timeouts: Timeouts::default(),
+            routing: Routing::default(),
+            users: Vec::new(),
+        }
+    }
+}
+
+/// Where a backend server listens.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// Every wait the proxy does is bounded by one of these.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// TCP connect plus authentication to a backend.
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// A client must finish its startup and authentication within this.
+    #[serde(deserialize_with = "duration")]
+    pub client_auth_timeout: Duration,
+    /// How long shutdown waits for sessions to reach a transaction boundary.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect_timeout: Duration::from_secs(5),
+            client_auth_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Routing policy knobs.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Routing {
+    /// Extra functions that write (glob patterns, e.g. `"app.touch_*"`).
+    pub write_functions: Vec<String>,
+    /// Extended-protocol messages are held until Sync so a batch runs on
+    /// one backend; past this size the batch goes to the primary at once.
+    pub batch_buffer_bytes: usize,
+    /// Capacity of the cache for statements the full parser had to decide.
+    pub parse_cache_entries: usize,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            write_functions: Vec::new(),
+            batch_buffer_bytes: 256 * 1024,
+            parse_cache_entries: 1024,
+        }
+    }
+}
+
+/// How a client proves who it is.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+pub enum AuthMethod {
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+/// A user clients log in as, and the credentials pgsplit uses for it on
+/// the backends.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    /// Plaintext, or a stored verifier (`SCRAM-SHA-256$…`, `md5…`).
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub auth: AuthMethod,
+    /// Backend login; defaults to `name`.
+    #[serde(default)]
+    pub server_user: Option<String>,
+    /// Backend password; defaults to `password` when that is plaintext.
+    #[serde(default)]
+    pub server_password: Option<String>,
+}
+
+impl std::fmt::Debug for User {
+    /// Never prints a secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("auth", &self.auth)
+            .field("server_user", &self.server_user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl User {
+    /// True when `password` is a stored verifier rather than plaintext.
+    pub fn password_is_verifier(&self) -> bool {
+        self.password.as_deref().is_some_and(|p| {
+            p.starts_with("SCRAM-SHA-256$") || (p.len() == 35 && p.starts_with("md5"))
+        })
+    }
+
+    /// Login name on the backends.
+    pub fn backend_user(&self) -> &str {
+        self.server_user.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Password for the backends, if one is known in plaintext.
+    pub fn backend_password(&self) -> Option<&str> {
+        self.server_password.as_deref().or_else(|| {
+            if self.password_is_verifier() {
+                None
+            } else {
+                self.password.as_deref()
+            }
+        })
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+/// Parses `5s`, `200ms`, `1m`, `0` (plain `0` means zero).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// Command-line settings that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    /// `postgres://user:password@host:port/db` for the primary.
+    pub primary_url: Option<String>,
+    /// `postgres://user:password@host:port/db` for the replica.
+    pub replica_url: Option<String>,
+    /// `section.key=value` pairs, applied in order.
+    pub set: Vec<String>,
+}
+
+impl Config {
+    /// Loads `path` (if any), applies `overrides` and validates.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file, key or value at fault.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Self::from_toml(&text, overrides)
+    }
+
+    /// Parses TOML text, applies `overrides` and validates.
+    ///
+    /// # Errors
+    /// See [`Config::load`].
+    pub fn from_toml(text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(one_line(&e.to_string())))?;
+        for kv in &overrides.set {
+            apply_set(&mut table, kv)?;
+        }
+        let mut cfg: Config = Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Parse(one_line(&e.to_string())))?;
+        if let Some(l) = overrides.listen {
+            cfg.listen = l;
+        }
+        if let Some(u) = &overrides.primary_url {
+            let url = parse_url(u, "--primary")?;
+            cfg.primary = url.addr;
+            cfg.add_url_user(url.user, url.password);
+        }
+        if let Some(u) = &overrides.replica_url {
+            let url = parse_url(u, "--replica")?;
+            cfg.replica = url.addr;
+            cfg.add_url_user(url.user, url.password);
+        }
+        cfg.validate()
+    }
+
+    /// Quick mode: the credentials in a backend URL are also what clients
+    /// must present, so an app changes only host and port.
+    fn add_url_user(&mut self, user: Option<String>, password: Option<String>) {
+        let Some(name) = user else { return };
+        if self.users.iter().any(|u| u.name == name) {
+            return;
+        }
+        let auth = if password.is_some() {
+            AuthMethod::ScramSha256
+        } else {
+            AuthMethod::Trust
+        };
+        self.users.push(User {
+            name,
+            password,
+            auth,
+            server_user: None,
+            server_password: None,
+        });
+    }
+
+    /// Checks what serde cannot.
+    ///
+    /// # Errors
+    /// `Invalid` naming the key.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let invalid = |key: &str, reason: &str| ConfigError::Invalid {
+            key: key.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if self.primary == self.replica {
+            return Err(invalid(
+                "replica",
+                "the replica is the same address as the primary",
+            ));
+        }
+        if self.max_message_bytes < 1024 {
+            return Err(invalid("max_message_bytes", "must be at least 1024"));
+        }
+        if self.max_client_connections == 0 {
+            return Err(invalid("max_client_connections", "must be at least 1"));
+        }
+        if self.timeouts.connect_timeout.is_zero() {
+            return Err(invalid(
+                "timeouts.connect_timeout",
+                "must be greater than 0",
+            ));
+        }
+        if self.routing.batch_buffer_bytes == 0 {
+            return Err(invalid(
+                "routing.batch_buffer_bytes",
+                "must be greater than 0",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for u in &self.users {
+            if u.name.is_empty() {
+                return Err(invalid("users.name", "must not be empty"));
+            }
+            if !seen.insert(&u.name) {
+                return Err(invalid(
+                    "users.name",
+                    &format!("duplicate user {:?}", u.name),
+                ));
+            }
+            match u.auth {
+                AuthMethod::Trust => {}
+                AuthMethod::ScramSha256 | AuthMethod::Md5 if u.password.is_none() => {
+                    return Err(invalid(
+                        "users.password",
+                        &format!("user {:?} needs a password for {:?}", u.name, u.auth),
+                    ));
+                }
+                AuthMethod::Md5
+                    if u.password
+                        .as_deref()
+                        .is_some_and(|p| p.starts_with("SCRAM-SHA-256$")) =>
+                {
+                    return Err(invalid(
+                        "users.auth",
+                        &format!("user {:?}: md5 cannot use a SCRAM verifier", u.name),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(self)
+    }
+
+    /// Looks a user up by name.
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Applies `section.key=value` to the parsed file, as `postgres -c` does.
+fn apply_set(table: &mut toml::Table, kv: &str) -> Result<(), ConfigError> {
+    let (path, raw) = kv
+        .split_once('=')
+        .ok_or_else(|| ConfigError::BadOverride(kv.to_owned()))?;
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(ConfigError::BadOverride(kv.to_owned()));
+    }
+    // A value that parses as TOML (number, bool, array, quoted string) is
+    // taken as such; anything else is a bare string (`5s`, `127.0.0.1:1`).
+    let value = toml::from_str::<BTreeMap<String, toml::Value>>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut m| m.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    let mut t = table;
+    for k in &keys[..keys.len() - 1] {
+        let entry = t
+            .entry((*k).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry.as_table_mut().ok_or_else(|| ConfigError::Invalid {
+            key: path.to_owned(),
+            reason: format!("{k} is not a section"),
+        })?;
+    }
+    t.insert(keys[keys.len() - 1].to_owned(), value);
+    Ok(())
+}
+
+/// A parsed `postgres://` URL.
+struct BackendUrl {
+    addr: BackendAddr,
+    user: Option<String>,
+    password: Option<String>,
+}
+
+fn parse_url(s: &str, which: &'static str) -> Result<BackendUrl, ConfigError> {
+    let bad = |reason: &str| ConfigError::BadUrl {
+        which,
+        reason: reason.to_owned(),
+    };
+    let url = url::Url::parse(s).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        return Err(bad("scheme must be postgres:// or postgresql://"));
+    }
+    let host = url
+        .host_str()
+        .ok_or_else(|| bad("missing host"))?
+        .to_owned();
+    let decode = |v: &str| {
+        url::form_urlencoded::parse(format!("x={v}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    let user = (!url.username().is_empty()).then(|| decode(url.username()));
+    let password = url.password().map(decode);
+    Ok(BackendUrl {
+        addr: BackendAddr {
+            host,
+            port: url.port().unwrap_or(5432),
+        },
+        user,
+        password,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_deployment() {
+        let c = Config::from_toml("", &Overrides::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:6432");
+        assert_eq!(c.replica.port, 5432);
+        assert_eq!(c.primary.port, 5433);
+        assert_eq!(c.timeouts.connect_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_toml(
+            "[timeouts]\nconect_timeout = \"1s\"\n",
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("conect_timeout"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = Config::from_toml("bogus = 1", &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn set_overrides_any_key_with_durations() {
+        let o = Overrides {
+            set: vec![
+                "timeouts.connect_timeout=200ms".into(),
+                "max_message_bytes=4096".into(),
+                "primary.port=7000".into(),
+            ],
+            ..Default::default()
+        };
+        let c = Config::from_toml("", &o).unwrap();
+        assert_eq!(c.timeouts.connect_timeout, Duration::from_millis(200));
+        assert_eq!(c.max_message_bytes, 4096);
+        assert_eq!(c.primary.port, 7000);
+        let bad = Overrides {
+            set: vec!["timeouts.connect_timeout=soon".into()],
+            ..Default::default()
+        };
+        let e = Config::from_toml("", &bad).unwrap_err().to_string();
+        assert!(e.contains("soon"), "{e}");
+        let bad = Overrides {
+            set: vec!["nokey".into()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::from_toml("", &bad),
+            Err(ConfigError::BadOverride(_))
+        ));
+    }
+
+    #[test]
+    fn quick_mode_urls_become_users() {
+        let o = Overrides {
+            primary_url: Some("postgres://app:s%40cret@10.0.0.1:5433/app".into()),
+            replica_url: Some("postgresql://app:s%40cret@127.0.0.1:5432/app".into()),
+            ..Default::default()
+        };
+        let c = Config::from_toml("", &o).unwrap();
+        assert_eq!(c.primary.host, "10.0.0.1");
+        assert_eq!(c.users.len(), 1);
+        assert_eq!(c.users[0].password.as_deref(), Some("s@cret"));
+        assert_eq!(c.users[0].backend_password(), Some("s@cret"));
+        assert!(
+            !format!("{:?}", c.users[0]).contains("cret"),
+            "secrets never printed"
+        );
+        let bad = Overrides {
+            primary_url: Some("mysql://x@y".into()),
+            ..Default::default()
+        };
+        assert!(Config::from_toml("", &bad).is_err());
+    }
+
+    #[test]
+    fn validation_rejects_nonsense() {
+        let e = Config::from_toml(
+            "[replica]\nhost=\"127.0.0.1\"\nport=5433\n",
+            &Overrides::default(),
+        );
+        assert!(e.unwrap_err().to_string().contains("replica"));
+        let e = Config::from_toml("[[users]]\nname=\"a\"\n", &Overrides::default());
+        assert!(e.unwrap_err().to_string().contains("password"));
+        let ok = Config::from_toml(
+            "[[users]]\nname=\"a\"\nauth=\"trust\"\n",
+            &Overrides::default(),
+        );
+        assert!(ok.is_ok());
+    }
+}

@@ -1,0 +1,157 @@
+//! The proxy's errors, and the one place that turns them into the
+//! ErrorResponse a client sees. SQLSTATEs are part of the contract, so no
+//! other module picks a code.
+
+use bytes::BytesMut;
+use pgsplit_protocol::encode::{self, Severity};
+use pgsplit_protocol::sqlstate::*;
+use pgsplit_protocol::ProtoError;
+use pgsplit_router::Target;
+
+use crate::backend::BackendError;
+
+/// Everything that can go wrong in a session.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The client broke the protocol (bad length, unknown message, …).
+    #[error("{0}")]
+    Protocol(#[from] ProtoError),
+    /// The client's socket failed; nothing can be sent to it.
+    #[error("client connection: {0}")]
+    ClientIo(#[source] std::io::Error),
+    /// The client went away mid-session (EOF).
+    #[error("client disconnected")]
+    ClientGone,
+    /// The startup packet had no user.
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
+    /// Unknown user or wrong password: deliberately the same message.
+    #[error("password authentication failed for user \"{user}\"")]
+    AuthFailed { user: String },
+    #[error("replication connections are not supported by pgsplit")]
+    Replication,
+    #[error("sorry, too many clients already")]
+    TooManyClients,
+    #[error("canceling authentication due to timeout")]
+    AuthTimeout,
+    #[error("terminating connection due to administrator command")]
+    ShuttingDown,
+    /// A statement needs the primary and it cannot be reached.
+    #[error("primary unreachable: writes are unavailable; reads continue")]
+    PrimaryUnreachable(#[source] BackendError),
+    /// Neither server can be reached.
+    #[error("no server reachable: primary and replica are both unavailable")]
+    NothingReachable(#[source] BackendError),
+    /// A server refused the login with its own error (3D000, 28P01 for the
+    /// proxy's backend credentials, 53300, 57P03, …): passed on as is.
+    #[error("{message}")]
+    BackendRefused {
+        target: Target,
+        code: String,
+        message: String,
+    },
+    /// A backend connection died while a statement was running on it.
+    #[error("connection to the {} lost while running the statement", target_name(*target))]
+    BackendLost { target: Target },
+    /// The backend holding the client's transaction block died; the
+    /// server rolled the transaction back.
+    #[error("connection to the {} lost inside a transaction block; the transaction was rolled back", target_name(*target))]
+    BackendLostInBlock { target: Target },
+    /// Not implemented yet: refused rather than done wrong.
+    #[error("{0} is not supported by pgsplit")]
+    NotSupported(&'static str),
+}
+
+/// "primary" / "replica", for messages.
+pub fn target_name(t: Target) -> &'static str {
+    match t {
+        Target::Primary => "primary",
+        Target::Replica => "replica",
+    }
+}
+
+impl Error {
+    /// Severity and SQLSTATE the client sees for this error.
+    pub fn client_code(&self) -> (Severity, &str) {
+        match self {
+            Error::Protocol(ProtoError::UnsupportedProtocol { .. }) => {
+                (Severity::Fatal, FEATURE_NOT_SUPPORTED)
+            }
+            Error::Protocol(_) | Error::ClientIo(_) | Error::ClientGone => {
+                (Severity::Fatal, PROTOCOL_VIOLATION)
+            }
+            Error::NoUser => (Severity::Fatal, INVALID_AUTHORIZATION_SPECIFICATION),
+            Error::AuthFailed { .. } => (Severity::Fatal, INVALID_PASSWORD),
+            Error::Replication => (Severity::Fatal, FEATURE_NOT_SUPPORTED),
+            Error::TooManyClients => (Severity::Fatal, TOO_MANY_CONNECTIONS),
+            Error::AuthTimeout => (Severity::Fatal, QUERY_CANCELED),
+            Error::ShuttingDown => (Severity::Fatal, ADMIN_SHUTDOWN),
+            Error::PrimaryUnreachable(_) | Error::NothingReachable(_) => {
+                (Severity::Error, SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION)
+            }
+            Error::BackendRefused { code, .. } => (Severity::Error, code.as_str()),
+            Error::BackendLost { .. } | Error::BackendLostInBlock { .. } => {
+                (Severity::Error, CONNECTION_FAILURE)
+            }
+            Error::NotSupported(_) => (Severity::Error, FEATURE_NOT_SUPPORTED),
+        }
+    }
+
+    /// A hint line for the client, where one helps.
+    fn hint(&self) -> Option<String> {
+        match self {
+            Error::PrimaryUnreachable(cause) | Error::NothingReachable(cause) => {
+                Some(format!("cause: {cause}"))
+            }
+            _ => None,
+        }
+    }
+
+    /// Appends this error as an ErrorResponse. `fatal` forces FATAL (used
+    /// during startup, where every error ends the connection).
+    pub fn write_to(&self, buf: &mut BytesMut, fatal: bool) {
+        let (sev, code) = self.client_code();
+        let sev = if fatal { Severity::Fatal } else { sev };
+        let msg = self.to_string();
+        match self.hint() {
+            Some(h) => encode::error_response_hint(buf, sev, code, &msg, &h),
+            None => encode::error_response(buf, sev, code, &msg),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_codes() {
+        let unreachable = Error::PrimaryUnreachable(BackendError::Closed);
+        assert_eq!(unreachable.client_code().1, "08001");
+        assert!(unreachable.to_string().contains("reads continue"));
+        let a = Error::AuthFailed { user: "x".into() };
+        assert_eq!(a.client_code(), (Severity::Fatal, "28P01"));
+        assert_eq!(
+            Error::Protocol(ProtoError::BadLength { len: 1, max: 2 }).client_code(),
+            (Severity::Fatal, "08P01")
+        );
+        assert_eq!(
+            Error::BackendLostInBlock {
+                target: Target::Primary
+            }
+            .client_code()
+            .1,
+            "08006"
+        );
+        let refused = Error::BackendRefused {
+            target: Target::Replica,
+            code: "3D000".into(),
+            message: "database \"nope\" does not exist".into(),
+        };
+        let mut b = BytesMut::new();
+        refused.write_to(&mut b, true);
+        let f = pgsplit_protocol::decode(&mut b, 1 << 16).unwrap().unwrap();
+        let e = pgsplit_protocol::backend::ErrorFields::parse(f.body()).unwrap();
+        assert_eq!((e.severity, e.code), ("FATAL", "3D000"));
+    }
+}

@@ -1,0 +1,277 @@
+//! Accepting clients: the startup packet (SSL/GSSENC refusal, cancel
+//! requests, protocol negotiation), client authentication, the first
+//! backend connection, and the handshake the client sees. Then the
+//! connection becomes a [`crate::session`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use pgsplit_protocol::backend::TxStatus;
+use pgsplit_protocol::startup::{decode_startup, Startup, StartupPacket};
+use pgsplit_protocol::{encode, ProtoError};
+use pgsplit_router::Target;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::backend::{send_cancel, BackendConn, BackendError, Login};
+use crate::error::Error;
+use crate::session::Session;
+use crate::Shared;
+
+/// Accepts clients until `shutdown` fires; each gets its own task.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let limit = Arc::new(Semaphore::new(shared.config.max_client_connections));
+    let mut conn_id: u64 = 0;
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(e) => {
+                // Out of file descriptors and similar: wait, never give up.
+                warn!(cause = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        conn_id += 1;
+        let _ = stream.set_nodelay(true);
+        let permit = limit.clone().try_acquire_owned().ok();
+        let shared = shared.clone();
+        let token = shutdown.clone();
+        let span = info_span!("client", conn_id, peer = %peer);
+        tracker.spawn(
+            async move {
+                let _permit = permit.as_ref();
+                let full = permit.is_none();
+                handle(stream, shared, token, full).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn handle(
+    mut stream: TcpStream,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    full: bool,
+) {
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let auth_timeout = shared.config.timeouts.client_auth_timeout;
+    let started =
+        tokio::time::timeout(auth_timeout, startup(&mut stream, &mut buf, &shared, full)).await;
+    let ready = match started {
+        Ok(Ok(Some(s))) => s,
+        Ok(Ok(None)) => return, // a cancel request, or SSL refused and client left
+        Ok(Err(e)) => {
+            shared
+                .stats
+                .clients_rejected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            debug!(cause = %e, "startup failed");
+            if !matches!(e, Error::ClientGone | Error::ClientIo(_)) {
+                let mut out = BytesMut::new();
+                e.write_to(&mut out, true);
+                let _ = stream.write_all(&out).await;
+            }
+            return;
+        }
+        Err(_) => {
+            let mut out = BytesMut::new();
+            Error::AuthTimeout.write_to(&mut out, true);
+            let _ = stream.write_all(&out).await;
+            return;
+        }
+    };
+    shared
+        .stats
+        .clients_accepted
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (startup, user, first) = ready;
+    let cancel = shared.cancels.register();
+    let mut out = BytesMut::new();
+    encode::auth_ok(&mut out);
+    for (k, v) in &first.params {
+        // The client must see a read-write server (libpq's
+        // target_session_attrs=read-write checks these).
+        let v = match k.as_str() {
+            "in_hot_standby" | "default_transaction_read_only" => "off",
+            _ => v.as_str(),
+        };
+        encode::parameter_status(&mut out, k, v);
+    }
+    encode::backend_key_data(&mut out, cancel.pid, cancel.secret);
+    encode::ready_for_query(&mut out, TxStatus::Idle);
+    if stream.write_all(&out).await.is_err() {
+        return;
+    }
+    let database = startup.database().unwrap_or_default().to_owned();
+    info!(user = %user.name, db = %database, "session started");
+    let session = Session::new(
+        shared,
+        stream,
+        buf,
+        user,
+        database,
+        startup.params,
+        first,
+        cancel,
+        shutdown,
+    );
+    if let Err(e) = session.run().await {
+        debug!(cause = %e, "session ended");
+    }
+}
+
+type Ready = (Startup, crate::config::User, BackendConn);
+
+/// Reads the startup packet(s) and authenticates. `Ok(None)` when the
+/// connection was only a cancel request.
+async fn startup(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    shared: &Shared,
+    full: bool,
+) -> Result<Option<Ready>, Error> {
+    let startup = loop {
+        let packet = loop {
+            if let Some(p) = decode_startup(buf)? {
+                break p;
+            }
+            if stream.read_buf(buf).await.map_err(Error::ClientIo)? == 0 {
+                return Err(Error::ClientGone);
+            }
+        };
+        match packet {
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                if !buf.is_empty() {
+                    // Bytes behind an encryption request would be in the
+                    // clear where the client expects encryption.
+                    return Err(ProtoError::Malformed {
+                        what: "startup (data after encryption request)",
+                    }
+                    .into());
+                }
+                stream.write_all(b"N").await.map_err(Error::ClientIo)?;
+            }
+            StartupPacket::Cancel { pid, secret } => {
+                forward_cancel(shared, pid, secret).await;
+                return Ok(None);
+            }
+            StartupPacket::Startup(s) => break s,
+        }
+    };
+    if full {
+        return Err(Error::TooManyClients);
+    }
+    if startup.minor > 0 || !startup.protocol_options.is_empty() {
+        let mut out = BytesMut::new();
+        encode::negotiate_protocol_version(&mut out, 0, &startup.protocol_options);
+        stream.write_all(&out).await.map_err(Error::ClientIo)?;
+    }
+    if startup
+        .param("replication")
+        .is_some_and(|v| !matches!(v, "false" | "off" | "no" | "0"))
+    {
+        return Err(Error::Replication);
+    }
+    let user_name = startup.user().ok_or(Error::NoUser)?.to_owned();
+    crate::auth::authenticate(stream, buf, &shared.config, &shared.secrets, &user_name).await?;
+    let user = shared
+        .config
+        .user(&user_name)
+        .cloned()
+        .ok_or(Error::AuthFailed {
+            user: user_name.clone(),
+        })?;
+    let first = first_backend(shared, &user, &startup).await?;
+    Ok(Some((startup, user, first)))
+}
+
+/// Opens the connection whose handshake the client sees: the replica
+/// (reads start there and a read-only client never needs the primary), or
+/// the primary when the replica cannot be reached. It also validates the
+/// database name.
+async fn first_backend(
+    shared: &Shared,
+    user: &crate::config::User,
+    s: &Startup,
+) -> Result<BackendConn, Error> {
+    let cfg = &shared.config;
+    let login = Login {
+        user: user.backend_user(),
+        password: user.backend_password(),
+        database: s.database().unwrap_or_default(),
+        params: &s.params,
+    };
+    let t = cfg.timeouts.connect_timeout;
+    let replica_err = match BackendConn::connect(
+        Target::Replica,
+        &cfg.replica.host,
+        cfg.replica.port,
+        &login,
+        t,
+    )
+    .await
+    {
+        Ok(c) => return Ok(c),
+        Err(BackendError::Refused { code, message, .. })
+            if code != pgsplit_protocol::sqlstate::CANNOT_CONNECT_NOW =>
+        {
+            return Err(Error::BackendRefused {
+                target: Target::Replica,
+                code,
+                message,
+            })
+        }
+        Err(e) => e,
+    };
+    warn!(cause = %replica_err, "replica unreachable at session start; trying the primary");
+    match BackendConn::connect(
+        Target::Primary,
+        &cfg.primary.host,
+        cfg.primary.port,
+        &login,
+        t,
+    )
+    .await
+    {
+        Ok(c) => Ok(c),
+        Err(BackendError::Refused { code, message, .. }) => Err(Error::BackendRefused {
+            target: Target::Primary,
+            code,
+            message,
+        }),
+        Err(e) => Err(Error::NothingReachable(e)),
+    }
+}
+
+/// Forwards a client's CancelRequest to the backend running its statement.
+async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
+    let Some(running) = shared.cancels.lookup(pid, secret) else {
+        debug!("cancel request for an idle session or with a wrong key; ignored");
+        return;
+    };
+    let timeout = shared.config.timeouts.connect_timeout;
+    if let Err(e) = send_cancel(running.addr, running.pid, running.secret, timeout).await {
+        warn!(cause = %e, "forwarding a cancel request failed");
+    }
+}

@@ -1,0 +1,905 @@
+//! One client session: a virtual PostgreSQL connection backed by up to two
+//! real ones (primary, replica), opened lazily.
+//!
+//! The task reads client frames, asks the router where each statement (or
+//! extended-protocol batch, up to Sync) goes, and forwards the frames
+//! unchanged. Backend output is relayed by [`relay`] as it arrives. Order
+//! is preserved by draining a backend before the next batch goes to the
+//! other one. State that routing depends on (open transaction block, pin,
+//! prepared statements, session settings) lives here; the rules live in
+//! the router.
+
+mod relay;
+pub mod statements;
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use pgsplit_protocol::backend::TxStatus;
+use pgsplit_protocol::frontend::{self, Bind, Object, Parse};
+use pgsplit_protocol::{encode, frame, tag, Frame, ProtoError};
+use pgsplit_router::route::{self, Choice, SessionState};
+use pgsplit_router::{Class, Stage, StmtKind, Target};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::backend::{BackendConn, BackendError, Login};
+use crate::cancel::{CancelHandle, Running};
+use crate::config::User;
+use crate::error::Error;
+use crate::Shared;
+use statements::{idx, Statements};
+
+/// A message or query sent whose ReadyForQuery has not come back.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    seq: u64,
+    /// Extended-protocol batch (ends in Sync) rather than a simple Query.
+    extended: bool,
+}
+
+/// What a ParseComplete/CloseComplete from the backend answers.
+#[derive(Debug)]
+enum Expect {
+    ClientParse {
+        name: String,
+        raw: Bytes,
+        class: Class,
+    },
+    InjectedParse {
+        name: String,
+    },
+    ClientClose {
+        statement: Option<String>,
+    },
+}
+
+/// One backend connection plus the session's bookkeeping for it.
+pub(crate) struct Backend {
+    conn: BackendConn,
+    pending: VecDeque<Pending>,
+    expect: VecDeque<(u64, Expect)>,
+    /// Bytes of a frame being streamed to the client that are still to come.
+    passthrough: usize,
+    status: TxStatus,
+    /// An ErrorResponse arrived since the last ReadyForQuery.
+    errored: bool,
+    /// The server sent FATAL (already reported to the client as ERROR).
+    dead: bool,
+    /// SET statements of the cycle in flight, logged once it succeeds.
+    sets_in_flight: Vec<String>,
+    /// Entries of the session's settings log applied on this connection.
+    applied_sets: usize,
+}
+
+impl Backend {
+    fn new(conn: BackendConn) -> Backend {
+        Backend {
+            conn,
+            pending: VecDeque::new(),
+            expect: VecDeque::new(),
+            passthrough: 0,
+            status: TxStatus::Idle,
+            errored: false,
+            dead: false,
+            sets_in_flight: Vec::new(),
+            applied_sets: 0,
+        }
+    }
+
+    fn running(&self) -> Running {
+        Running {
+            addr: self.conn.addr,
+            pid: self.conn.pid,
+            secret: self.conn.secret,
+        }
+    }
+}
+
+/// A COPY FROM STDIN in progress: client frames go straight to `target`.
+#[derive(Debug, Clone, Copy)]
+struct CopyIn {
+    target: Target,
+    extended: bool,
+}
+
+/// Extended-protocol messages held until Sync/Flush.
+#[derive(Default)]
+struct Batch {
+    frames: Vec<Frame>,
+    bytes: usize,
+    /// Combined class of the statements it parses or binds.
+    class: Option<Class>,
+    /// (frame index, class) of each Parse in the batch.
+    parses: Vec<(usize, Class)>,
+}
+
+impl Batch {
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.parses.clear();
+        self.bytes = 0;
+        self.class = None;
+    }
+
+    /// Class of statement `name` if this batch parses it (the last Parse
+    /// of that name before now).
+    fn local_class(&self, name: &str) -> Option<Class> {
+        self.parses.iter().rev().find_map(|(i, c)| {
+            Parse::parse(self.frames[*i].body())
+                .ok()
+                .filter(|p| p.name == name)
+                .map(|_| *c)
+        })
+    }
+
+    fn add_class(&mut self, c: Class) {
+        self.class = Some(match self.class {
+            None => c,
+            Some(prev) => route::combine(&prev, &c),
+        });
+    }
+}
+
+/// The empty class: a batch of nothing but Sync/Describe portal/Close.
+const EMPTY: Class = Class {
+    kind: StmtKind::Empty,
+    hint: None,
+    statements: 0,
+    stage: Stage::Lexer,
+};
+
+enum Flow {
+    Continue,
+    Exit,
+}
+
+/// A client's session after a successful handshake.
+pub(crate) struct Session {
+    shared: Arc<Shared>,
+    client: TcpStream,
+    cbuf: BytesMut,
+    /// Output to the client, in order: relayed chunks and own messages.
+    out: VecDeque<Bytes>,
+    scratch: BytesMut,
+    user: User,
+    database: String,
+    params: Vec<(String, String)>,
+    backends: [Option<Backend>; 2],
+    txn: Option<Target>,
+    /// The backend holding the client's block was lost: answer 25P02
+    /// until the client ends the block.
+    virtual_failed: bool,
+    pinned: bool,
+    /// The current batch was partly sent (Flush before Sync) to this backend.
+    bound: Option<Target>,
+    /// Discard client messages until Sync (after an error the proxy raised
+    /// inside a batch, as a server does).
+    skip_until_sync: bool,
+    copy_in: Option<CopyIn>,
+    batch: Batch,
+    stmts: Statements,
+    /// Session-level SET/RESET statements, in order, replayed on every
+    /// backend connection the session uses.
+    settings_log: Vec<String>,
+    seq: u64,
+    cancel: CancelHandle,
+    replica_retry_at: Option<Instant>,
+    shutdown: CancellationToken,
+}
+
+/// How long a failed replica is left alone before reads try it again.
+const REPLICA_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        client: TcpStream,
+        cbuf: BytesMut,
+        user: User,
+        database: String,
+        params: Vec<(String, String)>,
+        first: BackendConn,
+        cancel: CancelHandle,
+        shutdown: CancellationToken,
+    ) -> Session {
+        let mut backends = [None, None];
+        let t = first.target;
+        backends[idx(t)] = Some(Backend::new(first));
+        Session {
+            shared,
+            client,
+            cbuf,
+            out: VecDeque::new(),
+            scratch: BytesMut::new(),
+            user,
+            database,
+            params,
+            backends,
+            txn: None,
+            virtual_failed: false,
+            pinned: false,
+            bound: None,
+            skip_until_sync: false,
+            copy_in: None,
+            batch: Batch::default(),
+            stmts: Statements::default(),
+            settings_log: Vec::new(),
+            seq: 0,
+            cancel,
+            replica_retry_at: None,
+            shutdown,
+        }
+    }
+
+    /// Runs until the client leaves, breaks the protocol or the proxy
+    /// shuts down. Dropping the backends closes them, and a server rolls
+    /// back any open transaction of a closed connection.
+    pub(crate) async fn run(mut self) -> Result<(), Error> {
+        let res = self.run_inner().await;
+        if let Err(e) = &res {
+            if !matches!(e, Error::ClientGone | Error::ClientIo(_)) {
+                let mut b = BytesMut::new();
+                e.write_to(&mut b, true);
+                self.out.push_back(b.freeze());
+                let _ = self.flush_client().await;
+            }
+        }
+        for b in self.backends.iter_mut().filter_map(Option::take) {
+            if b.pending.is_empty() && b.status == TxStatus::Idle {
+                b.conn.terminate().await;
+            }
+        }
+        res
+    }
+
+    async fn run_inner(&mut self) -> Result<(), Error> {
+        loop {
+            self.flush_client().await?;
+            let busy = [self.busy(Target::Primary), self.busy(Target::Replica)];
+            let idle = !busy[0] && !busy[1] && self.txn.is_none() && self.copy_in.is_none();
+            let Session {
+                client,
+                cbuf,
+                backends,
+                shutdown,
+                ..
+            } = self;
+            let [p, r] = backends;
+            enum Ev {
+                Client(std::io::Result<usize>),
+                Backend(Target, std::io::Result<usize>),
+                Shutdown,
+            }
+            let ev = tokio::select! {
+                res = read_backend(p), if busy[0] => Ev::Backend(Target::Primary, res),
+                res = read_backend(r), if busy[1] => Ev::Backend(Target::Replica, res),
+                res = client.read_buf(cbuf) => Ev::Client(res),
+                _ = shutdown.cancelled(), if idle => Ev::Shutdown,
+            };
+            match ev {
+                Ev::Client(Ok(0)) => return Err(Error::ClientGone),
+                Ev::Client(Err(e)) => return Err(Error::ClientIo(e)),
+                Ev::Client(Ok(_)) => {
+                    if let Flow::Exit = self.process_client().await? {
+                        return Ok(());
+                    }
+                }
+                Ev::Backend(t, Ok(n)) if n > 0 => self.on_backend_data(t)?,
+                Ev::Backend(t, _) => self.backend_lost(t)?,
+                Ev::Shutdown => return Err(Error::ShuttingDown),
+            }
+        }
+    }
+
+    /// Handles every whole frame in the client buffer.
+    async fn process_client(&mut self) -> Result<Flow, Error> {
+        let max = self.shared.config.max_message_bytes;
+        while let Some(f) = frame::decode(&mut self.cbuf, max)? {
+            if let Flow::Exit = self.on_client_frame(f).await? {
+                return Ok(Flow::Exit);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn on_client_frame(&mut self, f: Frame) -> Result<Flow, Error> {
+        use tag::frontend as t;
+        if let Some(copy) = self.copy_in {
+            match f.tag() {
+                t::COPY_DATA | t::COPY_DONE | t::COPY_FAIL | t::SYNC | t::FLUSH => {
+                    let ends = matches!(f.tag(), t::COPY_DONE | t::COPY_FAIL);
+                    self.send_raw(copy.target, &[f.into_bytes()]).await?;
+                    if ends {
+                        self.copy_in = None;
+                        if copy.extended {
+                            // The Sync that follows belongs to the copy's backend.
+                            self.bound = Some(copy.target);
+                        }
+                    }
+                    return Ok(Flow::Continue);
+                }
+                _ => self.copy_in = None,
+            }
+        }
+        if self.skip_until_sync {
+            if f.tag() == t::SYNC {
+                self.skip_until_sync = false;
+                self.bound = None;
+                self.batch.clear();
+                self.push_ready();
+            }
+            return Ok(Flow::Continue);
+        }
+        match f.tag() {
+            t::QUERY => {
+                if !self.batch.frames.is_empty() {
+                    self.dispatch_batch(false).await?;
+                }
+                self.on_query(f).await?;
+            }
+            t::PARSE | t::BIND | t::DESCRIBE | t::EXECUTE | t::CLOSE => {
+                self.batch_push(f)?;
+                if self.batch.bytes > self.shared.config.routing.batch_buffer_bytes {
+                    self.dispatch_batch(false).await?;
+                }
+            }
+            t::SYNC => {
+                self.batch_push(f)?;
+                self.dispatch_batch(true).await?;
+            }
+            t::FLUSH => {
+                self.batch_push(f)?;
+                self.dispatch_batch(false).await?;
+            }
+            t::FUNCTION_CALL => {
+                // Fast-path calls (large objects) may write.
+                let class = Class {
+                    kind: StmtKind::Write,
+                    ..EMPTY
+                };
+                self.batch_push(f)?;
+                self.batch.add_class(class);
+                self.dispatch_batch(true).await?;
+            }
+            t::TERMINATE => return Ok(Flow::Exit),
+            // Outside COPY a server ignores these too.
+            t::COPY_DATA | t::COPY_DONE | t::COPY_FAIL => {}
+            _ => {
+                return Err(ProtoError::Malformed {
+                    what: "frontend (invalid message type)",
+                }
+                .into())
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn batch_push(&mut self, f: Frame) -> Result<(), Error> {
+        use tag::frontend as t;
+        match f.tag() {
+            t::PARSE => {
+                let p = Parse::parse(f.body())?;
+                let class = self.shared.classifier.classify(p.sql);
+                self.shared.stats.count_class(&class);
+                self.batch.parses.push((self.batch.frames.len(), class));
+                self.batch.add_class(class);
+            }
+            t::BIND => {
+                let b = Bind::parse(f.body())?;
+                if let Some(c) = self.statement_class(b.statement) {
+                    self.batch.add_class(c);
+                }
+            }
+            t::DESCRIBE => {
+                if let Object::Statement(name) = frontend::object(f.body(), "Describe")? {
+                    if let Some(c) = self.statement_class(name) {
+                        self.batch.add_class(c);
+                    }
+                }
+            }
+            t::CLOSE => {
+                frontend::object(f.body(), "Close")?;
+            }
+            t::EXECUTE => {
+                frontend::execute(f.body())?;
+            }
+            _ => {}
+        }
+        self.batch.bytes += f.len();
+        self.batch.frames.push(f);
+        Ok(())
+    }
+
+    fn statement_class(&self, name: &str) -> Option<Class> {
+        self.batch
+            .local_class(name)
+            .or_else(|| self.stmts.get(name).map(|s| s.class))
+    }
+
+    fn state(&self) -> SessionState {
+        SessionState {
+            txn: self.txn,
+            pinned: self.pinned,
+            bound: self.bound,
+        }
+    }
+
+    /// Picks the backend for a decision, preferring an open connection
+    /// when any will do.
+    fn resolve(&self, choice: Choice) -> Target {
+        match choice {
+            Choice::Primary => Target::Primary,
+            Choice::Replica => Target::Replica,
+            Choice::AnyOpen => {
+                if self.backends[idx(Target::Replica)].is_some() {
+                    Target::Replica
+                } else if self.backends[idx(Target::Primary)].is_some() {
+                    Target::Primary
+                } else {
+                    Target::Replica
+                }
+            }
+        }
+    }
+
+    async fn on_query(&mut self, f: Frame) -> Result<(), Error> {
+        let sql = frontend::query(f.body())?;
+        let class = self.shared.classifier.classify(sql);
+        self.shared.stats.count_class(&class);
+        if self.virtual_failed {
+            self.answer_failed_block(class.kind, None);
+            return Ok(());
+        }
+        let sets = (class.kind == StmtKind::Session).then(|| sql.to_owned());
+        let target = match self.target_for(&class).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.push_error(&e);
+                self.push_ready();
+                return Ok(());
+            }
+        };
+        self.seq += 1;
+        let seq = self.seq;
+        self.send_raw(target, &[f.into_bytes()]).await?;
+        let b = self.backends[idx(target)].as_mut().expect("ensured");
+        b.pending.push_back(Pending {
+            seq,
+            extended: false,
+        });
+        b.sets_in_flight.extend(sets);
+        // A simple query ends the unnamed prepared statement on that server.
+        self.stmts.mark_off("", target);
+        self.cancel.set(Some(b.running()));
+        Ok(())
+    }
+
+    /// Routes `class`, makes sure the backend is connected and caught up,
+    /// and drains the other backend so replies stay in order.
+    async fn target_for(&mut self, class: &Class) -> Result<Target, Error> {
+        let decision = route::route(class, &self.state());
+        self.shared.stats.count_route(&decision);
+        let wanted = self.resolve(decision.choice);
+        let fallback = self.bound.is_none() && self.txn.is_none();
+        let target = self.ensure(wanted, fallback).await?;
+        if decision.pin {
+            self.pinned = true;
+        }
+        debug!(target = ?target, reason = decision.reason.as_str(), kind = ?class.kind, "routed");
+        let other = other(target);
+        self.drain(other).await?;
+        self.prepare_backend(target).await?;
+        Ok(target)
+    }
+
+    async fn dispatch_batch(&mut self, synced: bool) -> Result<(), Error> {
+        let class = self.batch.class.unwrap_or(EMPTY);
+        if self.virtual_failed {
+            let frames = std::mem::take(&mut self.batch.frames);
+            self.batch.clear();
+            self.answer_failed_block(class.kind, Some(&frames));
+            if !synced {
+                self.skip_until_sync = true;
+            }
+            return Ok(());
+        }
+        let target = match self.target_for(&class).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.batch.clear();
+                self.push_error(&e);
+                if synced {
+                    self.bound = None;
+                    self.push_ready();
+                } else {
+                    self.skip_until_sync = true;
+                }
+                return Ok(());
+            }
+        };
+        self.seq += 1;
+        let seq = self.seq;
+        let mut frames = std::mem::take(&mut self.batch.frames);
+        let parses = std::mem::take(&mut self.batch.parses);
+        self.batch.clear();
+        let mut outgoing: Vec<Bytes> = Vec::with_capacity(frames.len() + 1);
+        let mut sets = Vec::new();
+        let mut parse_iter = parses.iter().peekable();
+        {
+            let b = self.backends[idx(target)].as_mut().expect("ensured");
+            let mut defined_here: Vec<&str> = Vec::new();
+            for (i, f) in frames.iter().enumerate() {
+                match f.tag() {
+                    tag::frontend::PARSE => {
+                        let p = Parse::parse(f.body())?;
+                        let class = match parse_iter.peek() {
+                            Some((j, c)) if *j == i => {
+                                parse_iter.next();
+                                *c
+                            }
+                            _ => EMPTY,
+                        };
+                        if class.kind == StmtKind::Session {
+                            sets.push(p.sql.to_owned());
+                        }
+                        b.expect.push_back((
+                            seq,
+                            Expect::ClientParse {
+                                name: p.name.to_owned(),
+                                raw: f.raw().clone(),
+                                class,
+                            },
+                        ));
+                        defined_here.push(p.name);
+                    }
+                    tag::frontend::BIND | tag::frontend::DESCRIBE => {
+                        let name = if f.tag() == tag::frontend::BIND {
+                            Some(Bind::parse(f.body())?.statement)
+                        } else {
+                            match frontend::object(f.body(), "Describe")? {
+                                Object::Statement(n) => Some(n),
+                                Object::Portal(_) => None,
+                            }
+                        };
+                        if let Some(name) = name {
+                            if !defined_here.contains(&name) {
+                                if let Some(s) = self.stmts.get(name) {
+                                    if !s.on[idx(target)] {
+                                        outgoing.push(s.parse.clone());
+                                        b.expect.push_back((
+                                            seq,
+                                            Expect::InjectedParse {
+                                                name: name.to_owned(),
+                                            },
+                                        ));
+                                    }
+                                }
+                                defined_here.push(name);
+                            }
+                        }
+                    }
+                    tag::frontend::CLOSE => {
+                        let statement = match frontend::object(f.body(), "Close")? {
+                            Object::Statement(n) => Some(n.to_owned()),
+                            Object::Portal(_) => None,
+                        };
+                        b.expect.push_back((seq, Expect::ClientClose { statement }));
+                    }
+                    _ => {}
+                }
+                outgoing.push(f.raw().clone());
+            }
+            if synced {
+                b.pending.push_back(Pending {
+                    seq,
+                    extended: true,
+                });
+            }
+            b.sets_in_flight.extend(sets);
+            self.cancel.set(Some(b.running()));
+        }
+        frames.clear();
+        self.batch.frames = frames;
+        self.bound = if synced { None } else { Some(target) };
+        self.send_raw(target, &outgoing).await
+    }
+
+    /// Makes sure a connection to `t` is open and alive. With `fallback`,
+    /// reads whose replica is unreachable go to the primary.
+    async fn ensure(&mut self, t: Target, fallback: bool) -> Result<Target, Error> {
+        if let Some(b) = self.backends[idx(t)].as_mut() {
+            let idle = b.pending.is_empty() && self.bound != Some(t) && self.copy_in.is_none();
+            if !idle || !b.conn.is_closed_while_idle() {
+                return Ok(t);
+            }
+            debug!(target = ?t, "backend closed while idle; replacing it");
+            self.backends[idx(t)] = None;
+            self.stmts.forget_backend(t);
+            if self.txn == Some(t) {
+                self.txn = None;
+                self.virtual_failed = true;
+                return Err(Error::BackendLostInBlock { target: t });
+            }
+        }
+        if t == Target::Replica && fallback {
+            if let Some(at) = self.replica_retry_at {
+                if Instant::now() < at {
+                    return self.ensure_primary_for_read().await;
+                }
+            }
+        }
+        match self.connect(t).await {
+            Ok(conn) => {
+                if t == Target::Replica {
+                    self.replica_retry_at = None;
+                }
+                self.backends[idx(t)] = Some(Backend::new(conn));
+                Ok(t)
+            }
+            Err(BackendError::Refused { code, message, .. }) => Err(Error::BackendRefused {
+                target: t,
+                code,
+                message,
+            }),
+            Err(e) if t == Target::Primary => {
+                warn!(cause = %e, "primary unreachable");
+                Err(Error::PrimaryUnreachable(e))
+            }
+            Err(e) => {
+                warn!(cause = %e, "replica unreachable");
+                if !fallback {
+                    return Err(Error::BackendLost { target: t });
+                }
+                self.replica_retry_at = Some(Instant::now() + REPLICA_RETRY);
+                self.ensure_primary_for_read().await
+            }
+        }
+    }
+
+    /// A read whose replica is down goes to the primary if it is reachable.
+    async fn ensure_primary_for_read(&mut self) -> Result<Target, Error> {
+        match Box::pin(self.ensure(Target::Primary, false)).await {
+            Ok(t) => Ok(t),
+            Err(Error::PrimaryUnreachable(e)) => Err(Error::NothingReachable(e)),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn connect(&self, t: Target) -> Result<BackendConn, BackendError> {
+        let cfg = &self.shared.config;
+        let addr = match t {
+            Target::Primary => &cfg.primary,
+            Target::Replica => &cfg.replica,
+        };
+        let login = Login {
+            user: self.user.backend_user(),
+            password: self.user.backend_password(),
+            database: &self.database,
+            params: &self.params,
+        };
+        BackendConn::connect(
+            t,
+            &addr.host,
+            addr.port,
+            &login,
+            cfg.timeouts.connect_timeout,
+        )
+        .await
+    }
+
+    /// Before a backend runs the client's next statement: apply session
+    /// settings it has not seen and close statements the client closed
+    /// elsewhere.
+    async fn prepare_backend(&mut self, t: Target) -> Result<(), Error> {
+        let Some(b) = self.backends[idx(t)].as_mut() else {
+            return Ok(());
+        };
+        if b.applied_sets == self.settings_log.len() && !self.stmts.has_zombies(t) {
+            return Ok(());
+        }
+        let mut lost = false;
+        for sql in &self.settings_log[b.applied_sets..] {
+            match b.conn.run_silent(sql).await {
+                Ok(None) => {}
+                Ok(Some(code)) => warn!(code, "replaying a session setting failed"),
+                Err(_) => {
+                    lost = true;
+                    break;
+                }
+            }
+        }
+        b.applied_sets = self.settings_log.len();
+        if !lost {
+            for name in self.stmts.take_zombies(t) {
+                let sql = format!("DEALLOCATE \"{}\"", name.replace('"', "\"\""));
+                if b.conn.run_silent(&sql).await.is_err() {
+                    lost = true;
+                    break;
+                }
+            }
+        }
+        if lost {
+            self.backends[idx(t)] = None;
+            self.stmts.forget_backend(t);
+            return Err(Error::BackendLost { target: t });
+        }
+        Ok(())
+    }
+
+    fn busy(&self, t: Target) -> bool {
+        self.backends[idx(t)]
+            .as_ref()
+            .is_some_and(|b| !b.pending.is_empty() || self.bound == Some(t) || b.passthrough > 0)
+    }
+
+    /// Relays everything `t` still owes the client.
+    async fn drain(&mut self, t: Target) -> Result<(), Error> {
+        while self.busy(t) && self.bound != Some(t) {
+            self.flush_client().await?;
+            let b = self.backends[idx(t)].as_mut().expect("busy backend exists");
+            match b.conn.stream.read_buf(&mut b.conn.rbuf).await {
+                Ok(n) if n > 0 => self.on_backend_data(t)?,
+                _ => self.backend_lost(t)?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_raw(&mut self, t: Target, frames: &[Bytes]) -> Result<(), Error> {
+        let b = self.backends[idx(t)].as_mut().expect("backend connected");
+        if let Err(e) = write_all_vectored(&mut b.conn.stream, frames).await {
+            debug!(cause = %e, target = ?t, "write to backend failed");
+            return self.backend_lost(t);
+        }
+        Ok(())
+    }
+
+    /// The session's transaction status as the client must see it.
+    fn client_status(&self) -> TxStatus {
+        if self.virtual_failed {
+            return TxStatus::Failed;
+        }
+        match self.txn.and_then(|t| self.backends[idx(t)].as_ref()) {
+            Some(b) => b.status,
+            None => TxStatus::Idle,
+        }
+    }
+
+    fn push_own(&mut self, write: impl FnOnce(&mut BytesMut)) {
+        write(&mut self.scratch);
+        let b = self.scratch.split().freeze();
+        self.out.push_back(b);
+    }
+
+    fn push_error(&mut self, e: &Error) {
+        self.push_own(|b| e.write_to(b, false));
+    }
+
+    fn push_ready(&mut self) {
+        let s = self.client_status();
+        self.push_own(|b| encode::ready_for_query(b, s));
+    }
+
+    /// The client's block died with its backend: answer as a server does
+    /// for a failed block — 25P02 until ROLLBACK/COMMIT, which end it.
+    fn answer_failed_block(&mut self, kind: StmtKind, frames: Option<&[Frame]>) {
+        use pgsplit_protocol::sqlstate::IN_FAILED_SQL_TRANSACTION;
+        let ends = matches!(kind, StmtKind::Rollback | StmtKind::Commit);
+        let Some(frames) = frames else {
+            if ends {
+                self.virtual_failed = false;
+                self.push_own(|b| encode::command_complete(b, "ROLLBACK"));
+            } else {
+                self.push_own(|b| {
+                    encode::error_response(
+                        b,
+                        encode::Severity::Error,
+                        IN_FAILED_SQL_TRANSACTION,
+                        "current transaction is aborted, commands ignored until end of transaction block",
+                    )
+                });
+            }
+            self.push_ready();
+            return;
+        };
+        if !ends {
+            self.push_own(|b| {
+                encode::error_response(
+                    b,
+                    encode::Severity::Error,
+                    IN_FAILED_SQL_TRANSACTION,
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                )
+            });
+            if frames
+                .last()
+                .is_some_and(|f| f.tag() == tag::frontend::SYNC)
+            {
+                self.push_ready();
+            }
+            return;
+        }
+        // An extended-protocol ROLLBACK: answer each message as a server would.
+        for f in frames {
+            match f.tag() {
+                tag::frontend::PARSE => self.push_own(encode::parse_complete),
+                tag::frontend::BIND => {
+                    self.push_own(|b| encode::message(b, tag::backend::BIND_COMPLETE, |_| {}))
+                }
+                tag::frontend::DESCRIBE => {
+                    self.push_own(|b| encode::message(b, tag::backend::NO_DATA, |_| {}))
+                }
+                tag::frontend::EXECUTE => {
+                    self.virtual_failed = false;
+                    self.push_own(|b| encode::command_complete(b, "ROLLBACK"));
+                }
+                tag::frontend::CLOSE => {
+                    self.push_own(|b| encode::message(b, tag::backend::CLOSE_COMPLETE, |_| {}))
+                }
+                tag::frontend::SYNC => self.push_ready(),
+                _ => {}
+            }
+        }
+    }
+
+    async fn flush_client(&mut self) -> Result<(), Error> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let chunks: Vec<Bytes> = self.out.drain(..).collect();
+        write_all_vectored(&mut self.client, &chunks)
+            .await
+            .map_err(Error::ClientIo)
+    }
+}
+
+fn other(t: Target) -> Target {
+    match t {
+        Target::Primary => Target::Replica,
+        Target::Replica => Target::Primary,
+    }
+}
+
+async fn read_backend(b: &mut Option<Backend>) -> std::io::Result<usize> {
+    match b {
+        Some(b) => b.conn.stream.read_buf(&mut b.conn.rbuf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes every chunk, in as few system calls as the socket allows.
+async fn write_all_vectored(s: &mut TcpStream, chunks: &[Bytes]) -> std::io::Result<()> {
+    let mut i = 0;
+    let mut off = 0;
+    while i < chunks.len() {
+        let mut slices: [IoSlice<'_>; 32] = [IoSlice::new(&[]); 32];
+        let mut n = 0;
+        for (k, c) in chunks[i..].iter().take(32).enumerate() {
+            slices[k] = IoSlice::new(if k == 0 { &c[off..] } else { &c[..] });
+            n += 1;
+        }
+        let mut written = s.write_vectored(&slices[..n]).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 && i < chunks.len() {
+            let left = chunks[i].len() - off;
+            if written >= left {
+                written -= left;
+                i += 1;
+                off = 0;
+            } else {
+                off += written;
+                written = 0;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! Backend → client relay.
+//!
+//! Scans the backend's read buffer in place and hands the client whole runs
+//! of bytes as `Bytes` slices of that buffer: no copy, no re-encode. Only a
+//! few messages are looked at (ReadyForQuery, ParseComplete/CloseComplete,
+//! ErrorResponse, CopyInResponse); every other message — rows above all —
+//! is streamed through as it arrives, even before it is complete, so a
+//! large row is never buffered whole.
+
+use pgsplit_protocol::backend::{self as msg, ErrorFields, TxStatus};
+use pgsplit_protocol::{encode, frame, tag};
+use pgsplit_router::Target;
+use tracing::{debug, warn};
+
+use super::statements::idx;
+use super::{CopyIn, Expect, Session};
+use crate::error::Error;
+
+/// Backend messages the relay must see whole are small; a larger one of
+/// those kinds means the stream is broken.
+const MAX_INSPECTED_BYTES: usize = 1 << 30;
+
+impl Session {
+    /// Relays what arrived from `t`.
+    pub(super) fn on_backend_data(&mut self, t: Target) -> Result<(), Error> {
+        let mut run = 0usize;
+        loop {
+            let b = self.backends[idx(t)]
+                .as_mut()
+                .expect("reading backend exists");
+            let avail = b.conn.rbuf.len() - run;
+            if b.passthrough > 0 {
+                let n = b.passthrough.min(avail);
+                run += n;
+                b.passthrough -= n;
+                if b.passthrough > 0 {
+                    break;
+                }
+                continue;
+            }
+            let Ok(head) = frame::peek(&b.conn.rbuf[run..], MAX_INSPECTED_BYTES) else {
+                warn!(target = ?t, "invalid message from backend");
+                self.flush_run(t, &mut run);
+                return self.backend_lost(t);
+            };
+            let Some((tag, len)) = head else { break };
+            use tag::backend as bt;
+            let inspected = matches!(
+                tag,
+                bt::READY_FOR_QUERY
+                    | bt::PARSE_COMPLETE
+                    | bt::CLOSE_COMPLETE
+                    | bt::ERROR_RESPONSE
+                    | bt::COPY_IN_RESPONSE
+            );
+            if !inspected {
+                b.passthrough = len;
+                continue;
+            }
+            if avail < len {
+                break; // wait for the whole message
+            }
+            let body_at = run + frame::HEADER_BYTES;
+            match tag {
+                bt::READY_FOR_QUERY => {
+                    let status = msg::ready_for_query(&b.conn.rbuf[body_at..run + len])?;
+                    run += len;
+                    self.on_ready(t, status);
+                }
+                bt::PARSE_COMPLETE | bt::CLOSE_COMPLETE => {
+                    if self.on_complete(t, tag) {
+                        run += len;
+                    } else {
+                        self.flush_run(t, &mut run);
+                        self.skip(t, len);
+                    }
+                }
+                bt::ERROR_RESPONSE => {
+                    let fatal = {
+                        let e = ErrorFields::parse(&b.conn.rbuf[body_at..run + len])?;
+                        b.errored = true;
+                        e.is_fatal()
+                            .then(|| (e.code.to_owned(), e.message.to_owned()))
+                    };
+                    match fatal {
+                        None => run += len,
+                        Some((code, message)) => {
+                            // The server is closing this connection; the client's
+                            // session goes on, so it sees an ERROR.
+                            debug!(target = ?t, code, "backend sent FATAL");
+                            self.flush_run(t, &mut run);
+                            self.skip(t, len);
+                            let b = self.backends[idx(t)].as_mut().expect("exists");
+                            b.dead = true;
+                            self.push_own(|w| {
+                                encode::error_response(w, encode::Severity::Error, &code, &message)
+                            });
+                        }
+                    }
+                }
+                bt::COPY_IN_RESPONSE => {
+                    run += len;
+                    let extended = b.pending.front().is_some_and(|p| p.extended);
+                    if extended {
+                        // A Sync sent behind the Execute is ignored by the
+                        // server during COPY; the client sends another after
+                        // CopyDone, and that one is answered.
+                        b.pending.pop_front();
+                    }
+                    self.copy_in = Some(CopyIn {
+                        target: t,
+                        extended,
+                    });
+                }
+                _ => unreachable!("only inspected tags reach here"),
+            }
+        }
+        self.flush_run(t, &mut run);
+        let b = self.backends[idx(t)].as_ref().expect("exists");
+        if b.dead {
+            return self.backend_lost(t);
+        }
+        Ok(())
+    }
+
+    /// Moves the first `run` bytes of `t`'s buffer to the client queue.
+    fn flush_run(&mut self, t: Target, run: &mut usize) {
+        if *run == 0 {
+            return;
+        }
+        let b = self.backends[idx(t)].as_mut().expect("exists");
+        let chunk = b.conn.rbuf.split_to(*run).freeze();
+        self.out.push_back(chunk);
+        *run = 0;
+    }
+
+    /// Drops one message from the front of `t`'s buffer.
+    fn skip(&mut self, t: Target, len: usize) {
+        let b = self.backends[idx(t)].as_mut().expect("exists");
+        let _ = b.conn.rbuf.split_to(len);
+    }
+
+    /// ParseComplete/CloseComplete: updates the statement map; returns
+    /// whether the client should see it (injected ones are swallowed).
+    fn on_complete(&mut self, t: Target, tag: u8) -> bool {
+        let b = self.backends[idx(t)].as_mut().expect("exists");
+        let want_parse = tag == tag::backend::PARSE_COMPLETE;
+        let pos = b.expect.iter().position(|(_, e)| {
+            matches!(e, Expect::ClientParse { .. } | Expect::InjectedParse { .. }) == want_parse
+        });
+        let Some((_, e)) = pos.and_then(|p| b.expect.remove(p)) else {
+            return true;
+        };
+        match e {
+            Expect::ClientParse { name, raw, class } => {
+                self.stmts.define(&name, raw, class, t);
+                true
+            }
+            Expect::InjectedParse { name } => {
+                self.stmts.mark_on(&name, t);
+                false
+            }
+            Expect::ClientClose { statement } => {
+                if let Some(name) = statement {
+                    self.stmts.close(&name, t);
+                }
+                true
+            }
+        }
+    }
+
+    /// ReadyForQuery: one cycle on `t` finished.
+    fn on_ready(&mut self, t: Target, status: TxStatus) {
+        let b = self.backends[idx(t)].as_mut().expect("exists");
+        let done = b.pending.pop_front();
+        if let Some(p) = done {
+            while b.expect.front().is_some_and(|(s, _)| *s <= p.seq) {
+                b.expect.pop_front();
+            }
+        }
+        b.status = status;
+        let ok = !b.errored;
+        b.errored = false;
+        let sets = std::mem::take(&mut b.sets_in_flight);
+        match status {
+            TxStatus::Idle => {
+                if self.txn == Some(t) {
+                    self.txn = None;
+                }
+                if ok && !sets.is_empty() {
+                    // Settings made outside a block now hold for the session:
+                    // log them so every other backend gets them before its
+                    // next statement. (This one already has them.)
+                    let caught_up = b.applied_sets == self.settings_log.len();
+                    self.settings_log.extend(sets);
+                    if caught_up {
+                        b.applied_sets = self.settings_log.len();
+                    }
+                }
+            }
+            TxStatus::InBlock | TxStatus::Failed => self.txn = Some(t),
+        }
+        let idle = self.backends.iter().flatten().all(|b| b.pending.is_empty());
+        if idle && self.bound.is_none() {
+            self.cancel.set(None);
+        }
+    }
+
+    /// `t` died (EOF, I/O error, FATAL). Everything the client still waits
+    /// for from it is answered with an error, and the session goes on.
+    pub(super) fn backend_lost(&mut self, t: Target) -> Result<(), Error> {
+        let Some(b) = self.backends[idx(t)].take() else {
+            return Ok(());
+        };
+        self.stmts.forget_backend(t);
+        if b.passthrough > 0 {
+            // Part of a message already reached the client; the stream to
+            // it cannot be repaired.
+            return Err(Error::BackendLost { target: t });
+        }
+        let in_block = self.txn == Some(t);
+        if in_block {
+            self.txn = None;
+            self.virtual_failed = true;
+        }
+        let err = if in_block {
+            Error::BackendLostInBlock { target: t }
+        } else {
+            Error::BackendLost { target: t }
+        };
+        let mut reported = b.dead;
+        for _ in &b.pending {
+            if !reported {
+                self.push_error(&err);
+            }
+            reported = false;
+            self.push_ready();
+        }
+        if self.bound == Some(t) {
+            if !reported {
+                self.push_error(&err);
+            }
+            self.bound = None;
+            self.skip_until_sync = true;
+        }
+        if self.copy_in.is_some_and(|c| c.target == t) {
+            self.copy_in = None;
+        }
+        self.cancel.set(None);
+        Ok(())
+    }
+}

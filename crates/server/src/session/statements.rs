@@ -1,0 +1,140 @@
+//! The client's prepared statements, as the client believes they exist
+//! (one server), and where each one really exists (primary, replica).
+//!
+//! A statement is created on a backend lazily: when a Bind or Describe
+//! needs it on a backend that does not have it, the session injects the
+//! client's original Parse frame (the same bytes) and swallows the extra
+//! ParseComplete. A Close on one backend leaves a "zombie" on the other,
+//! closed there before that backend is next used.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use pgsplit_router::{Class, Target};
+
+/// Index of a backend in per-backend arrays.
+#[inline]
+pub fn idx(t: Target) -> usize {
+    match t {
+        Target::Primary => 0,
+        Target::Replica => 1,
+    }
+}
+
+/// One prepared statement.
+#[derive(Debug, Clone)]
+pub struct Stmt {
+    /// The client's Parse message, replayed as is on another backend.
+    pub parse: Bytes,
+    pub class: Class,
+    /// Exists on [primary, replica].
+    pub on: [bool; 2],
+}
+
+/// All of a session's statements.
+#[derive(Debug, Default)]
+pub struct Statements {
+    map: HashMap<String, Stmt>,
+    /// Names closed by the client that still exist on a backend.
+    zombies: [Vec<String>; 2],
+}
+
+impl Statements {
+    pub fn get(&self, name: &str) -> Option<&Stmt> {
+        self.map.get(name)
+    }
+
+    /// A Parse succeeded on `t`.
+    pub fn define(&mut self, name: &str, parse: Bytes, class: Class, t: Target) {
+        let mut on = [false; 2];
+        on[idx(t)] = true;
+        match self.map.get_mut(name) {
+            Some(s) => {
+                // Only the unnamed statement can be redefined; the other
+                // backend's copy is stale but will be overwritten when an
+                // injection replaces it.
+                s.parse = parse;
+                s.class = class;
+                s.on = on;
+            }
+            None => {
+                self.map.insert(name.to_owned(), Stmt { parse, class, on });
+            }
+        }
+    }
+
+    /// An injected Parse succeeded on `t`.
+    pub fn mark_on(&mut self, name: &str, t: Target) {
+        if let Some(s) = self.map.get_mut(name) {
+            s.on[idx(t)] = true;
+        }
+    }
+
+    /// The backend lost its copy (a simple query ends the unnamed
+    /// statement; a backend connection was replaced).
+    pub fn mark_off(&mut self, name: &str, t: Target) {
+        if let Some(s) = self.map.get_mut(name) {
+            s.on[idx(t)] = false;
+        }
+    }
+
+    /// A backend connection was replaced: nothing exists on it any more.
+    pub fn forget_backend(&mut self, t: Target) {
+        for s in self.map.values_mut() {
+            s.on[idx(t)] = false;
+        }
+        self.zombies[idx(t)].clear();
+    }
+
+    /// The client closed `name` on `t`; the other backend's copy becomes a
+    /// zombie to close before that backend is used again.
+    pub fn close(&mut self, name: &str, t: Target) {
+        if let Some(s) = self.map.remove(name) {
+            let other = 1 - idx(t);
+            if s.on[other] && !name.is_empty() {
+                self.zombies[other].push(name.to_owned());
+            }
+        }
+    }
+
+    /// Takes the zombies to close on `t` before sending it anything.
+    pub fn take_zombies(&mut self, t: Target) -> Vec<String> {
+        std::mem::take(&mut self.zombies[idx(t)])
+    }
+
+    pub fn has_zombies(&self, t: Target) -> bool {
+        !self.zombies[idx(t)].is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgsplit_router::{Stage, StmtKind};
+
+    fn class() -> Class {
+        Class {
+            kind: StmtKind::Read,
+            hint: None,
+            statements: 1,
+            stage: Stage::Lexer,
+        }
+    }
+
+    #[test]
+    fn tracks_where_statements_exist() {
+        let mut s = Statements::default();
+        s.define("a", Bytes::from_static(b"P"), class(), Target::Replica);
+        assert_eq!(s.get("a").unwrap().on, [false, true]);
+        s.mark_on("a", Target::Primary);
+        assert_eq!(s.get("a").unwrap().on, [true, true]);
+        s.close("a", Target::Replica);
+        assert!(s.get("a").is_none());
+        assert!(s.has_zombies(Target::Primary));
+        assert_eq!(s.take_zombies(Target::Primary), vec!["a".to_owned()]);
+        assert!(!s.has_zombies(Target::Primary));
+        s.define("b", Bytes::from_static(b"P"), class(), Target::Primary);
+        s.forget_backend(Target::Primary);
+        assert_eq!(s.get("b").unwrap().on, [false, false]);
+    }
+}

@@ -1,0 +1,198 @@
+//! Shared helpers: start a stack, connect clients, observe where a
+//! statement ran.
+
+use std::time::Duration;
+
+use pgsplit_lab::stack::{Stack, StackOptions};
+use tokio_postgres::{Client, NoTls};
+
+/// Starts a stack with default options (blocking work off the runtime).
+pub fn stack() -> Stack {
+    stack_with(StackOptions::default())
+}
+
+pub fn stack_with(opts: StackOptions) -> Stack {
+    tokio::task::block_in_place(|| Stack::start(opts)).expect("lab stack starts")
+}
+
+/// Connects a tokio-postgres client through the proxy.
+pub async fn client(stack: &Stack) -> Client {
+    connect(&stack.conn_string())
+        .await
+        .expect("connect through pgsplit")
+}
+
+pub async fn connect(conn: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conn, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+pub fn primary_port(stack: &Stack) -> i32 {
+    i32::from(stack.cluster().primary_addr().port())
+}
+
+pub fn replica_port(stack: &Stack) -> i32 {
+    i32::from(stack.cluster().replica_addr().port())
+}
+
+/// The server port a simple-protocol query ran on.
+pub async fn port_of(c: &Client, sql: &str) -> i32 {
+    let rows = c.simple_query(sql).await.expect("query runs");
+    for m in rows {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            return r.get(0).expect("a value").parse().expect("a port");
+        }
+    }
+    panic!("no row from {sql}");
+}
+
+/// SQLSTATE of a failed call.
+pub fn code(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_owned())
+        .unwrap_or_else(|| format!("no code: {e}"))
+}
+
+/// Waits until the replica has replayed all the primary wrote.
+pub fn caught_up(stack: &Stack) {
+    tokio::task::block_in_place(|| {
+        stack
+            .cluster()
+            .wait_replica_caught_up(Duration::from_secs(20))
+    })
+    .expect("replica catches up");
+}
+
+/// A raw protocol connection, for what no driver would send.
+pub struct Raw {
+    pub stream: tokio::net::TcpStream,
+    pub buf: bytes::BytesMut,
+}
+
+impl Raw {
+    pub async fn connect(stack: &Stack) -> Raw {
+        let stream = tokio::net::TcpStream::connect(stack.proxy_addr())
+            .await
+            .unwrap();
+        Raw {
+            stream,
+            buf: bytes::BytesMut::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Next backend frame, or `None` at EOF; fails the test after 10 s.
+    pub async fn frame(&mut self) -> Option<pgsplit_protocol::Frame> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(f) = pgsplit_protocol::decode(&mut self.buf, 1 << 30).unwrap() {
+                return Some(f);
+            }
+            let n =
+                tokio::time::timeout(Duration::from_secs(10), self.stream.read_buf(&mut self.buf))
+                    .await
+                    .expect("proxy answers within 10 s")
+                    .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Reads until an ErrorResponse; returns (severity, code, message).
+    pub async fn error(&mut self) -> (String, String, String) {
+        while let Some(f) = self.frame().await {
+            if f.tag() == b'E' {
+                let e = pgsplit_protocol::backend::ErrorFields::parse(f.body()).unwrap();
+                return (e.severity.into(), e.code.into(), e.message.into());
+            }
+        }
+        panic!("connection closed without an error");
+    }
+
+    /// Startup + SCRAM login as the lab user, up to the first ReadyForQuery.
+    pub async fn login(stack: &Stack) -> Raw {
+        let opts = &stack.options().lab;
+        let mut raw = Raw::connect(stack).await;
+        let mut b = bytes::BytesMut::new();
+        pgsplit_protocol::encode::startup_message(
+            &mut b,
+            &[
+                ("user", opts.user.as_str()),
+                ("database", opts.database.as_str()),
+            ],
+        );
+        raw.send(&b).await;
+        let mut scram: Option<postgres_protocol_scram::Client> = None;
+        loop {
+            let f = raw.frame().await.expect("login completes");
+            match f.tag() {
+                b'R' => {
+                    let code = i32::from_be_bytes(f.body()[..4].try_into().unwrap());
+                    let mut w = bytes::BytesMut::new();
+                    match code {
+                        0 => continue,
+                        10 => {
+                            let c = postgres_protocol_scram::Client::new(opts.password.as_bytes());
+                            pgsplit_protocol::encode::sasl_initial_response(
+                                &mut w,
+                                "SCRAM-SHA-256",
+                                c.message(),
+                            );
+                            scram = Some(c);
+                        }
+                        11 => {
+                            let c = scram.as_mut().unwrap();
+                            c.update(&f.body()[4..]);
+                            pgsplit_protocol::encode::sasl_response(&mut w, c.message());
+                        }
+                        12 => continue,
+                        other => panic!("unexpected auth request {other}"),
+                    }
+                    raw.send(&w).await;
+                }
+                b'Z' => return raw,
+                b'E' => panic!("login failed"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads until ReadyForQuery; returns the tags seen.
+    pub async fn until_ready(&mut self) -> Vec<u8> {
+        let mut tags = Vec::new();
+        while let Some(f) = self.frame().await {
+            tags.push(f.tag());
+            if f.tag() == b'Z' {
+                return tags;
+            }
+        }
+        panic!("closed before ReadyForQuery: {tags:?}");
+    }
+}
+
+/// A thin SCRAM client wrapper over postgres-protocol, for raw tests.
+pub mod postgres_protocol_scram {
+    pub struct Client(postgres_protocol::authentication::sasl::ScramSha256);
+    impl Client {
+        pub fn new(password: &[u8]) -> Client {
+            Client(postgres_protocol::authentication::sasl::ScramSha256::new(
+                password,
+                postgres_protocol::authentication::sasl::ChannelBinding::unsupported(),
+            ))
+        }
+        pub fn message(&self) -> &[u8] {
+            self.0.message()
+        }
+        pub fn update(&mut self, data: &[u8]) {
+            self.0.update(data).expect("server-first parses");
+        }
+    }
+}

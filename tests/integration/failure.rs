@@ -1,0 +1,175 @@
+//! Failures: the primary unreachable or lost, the replica gone, backend
+//! connections killed. The client always gets a defined SQLSTATE and a
+//! usable session.
+
+use std::time::{Duration, Instant};
+
+use pgsplit_lab::stack::StackOptions;
+use pgsplit_lab::Which;
+
+use crate::common::*;
+
+fn fast_connect() -> StackOptions {
+    StackOptions {
+        set: vec!["timeouts.connect_timeout=2s".into()],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_stopped_reads_continue_and_writes_get_08001() {
+    let mut s = stack_with(fast_connect());
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE w (x int)").await.unwrap();
+    caught_up(&s);
+    tokio::task::block_in_place(|| s.cluster_mut().stop_primary()).unwrap();
+    // A new client can still connect (the handshake needs only the replica).
+    let c2 = client(&s).await;
+    for c in [&c, &c2] {
+        assert_eq!(
+            port_of(c, "SELECT inet_server_port()").await,
+            replica_port(&s)
+        );
+        let start = Instant::now();
+        let e = c
+            .batch_execute("INSERT INTO w VALUES (1)")
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "08001");
+        assert!(e
+            .as_db_error()
+            .unwrap()
+            .message()
+            .contains("reads continue"));
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "within connect_timeout + 1 s"
+        );
+        // Extended protocol too, and the session stays usable.
+        let e = c
+            .execute("INSERT INTO w VALUES ($1)", &[&2i32])
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "08001");
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM w", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0);
+    }
+    tokio::task::block_in_place(|| s.cluster_mut().start_primary()).unwrap();
+    // Writes work again without reconnecting the client.
+    c.batch_execute("INSERT INTO w VALUES (3)").await.unwrap();
+    assert_eq!(
+        port_of(&c, "INSERT INTO w VALUES (4) RETURNING inet_server_port()").await,
+        primary_port(&s)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn black_holed_tunnel_fails_writes_within_connect_timeout() {
+    let s = stack_with(fast_connect());
+    let c = client(&s).await;
+    s.tunnel().blackhole();
+    let start = Instant::now();
+    let e = c
+        .batch_execute("CREATE TABLE bh (x int)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "08001");
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+    s.tunnel().restore();
+    c.batch_execute("CREATE TABLE bh (x int)").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_lost_inside_a_block_is_08006_then_25p02_until_rollback() {
+    let s = stack_with(fast_connect());
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE lost (x int)").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("INSERT INTO lost VALUES (1)")
+        .await
+        .unwrap();
+    s.tunnel().cut();
+    let e = c
+        .batch_execute("INSERT INTO lost VALUES (2)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "08006");
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), "25P02");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    // Reads work; the insert never happened.
+    s.tunnel().restore();
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+    let n: i64 = c
+        .query_one("/* pgsplit:primary */ SELECT count(*) FROM lost", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "nothing half-applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_idle_backends_are_replaced_transparently() {
+    let s = stack();
+    let c = client(&s).await;
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+    c.batch_execute("CREATE TABLE k (x int)").await.unwrap();
+    let kill = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                WHERE usename = 'app' AND backend_type = 'client backend' AND pid <> pg_backend_pid()";
+    tokio::task::block_in_place(|| {
+        s.cluster().psql(Which::Replica, kill).unwrap();
+        s.cluster().psql(Which::Primary, kill).unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+    c.batch_execute("INSERT INTO k VALUES (1)").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_down_reads_go_to_the_primary() {
+    let mut s = stack();
+    let c = client(&s).await;
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+    tokio::task::block_in_place(|| s.cluster_mut().stop_replica()).unwrap();
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        primary_port(&s)
+    );
+    // New clients too (the handshake falls back to the primary).
+    let c2 = client(&s).await;
+    assert_eq!(
+        port_of(&c2, "SELECT inet_server_port()").await,
+        primary_port(&s)
+    );
+    tokio::task::block_in_place(|| s.cluster_mut().start_replica()).unwrap();
+    // After the retry interval, reads return to the replica.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        port_of(&c2, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+}

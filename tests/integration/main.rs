@@ -1,0 +1,14 @@
+//! Integration tests: pgsplit in front of a real primary and streaming
+//! replica started from the installed PostgreSQL binaries, with the primary
+//! reached through a fault tunnel. Clients are tokio-postgres, raw protocol
+//! bytes, psql and pgbench.
+//!
+//! Each test starts its own stack (cargo-nextest runs every test in its own
+//! process), so tests never share state and can stop servers freely.
+
+mod auth;
+mod common;
+mod failure;
+mod protocol;
+mod routing;
+mod tools;

@@ -1,0 +1,288 @@
+//! Where statements run: reads on the replica, writes and blocks on the
+//! primary, in the simple and the extended protocol.
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_the_replica_and_writes_to_the_primary() {
+    let s = stack();
+    let c = client(&s).await;
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+    c.batch_execute("CREATE TABLE t (id serial PRIMARY KEY, port int)")
+        .await
+        .unwrap();
+    let p = port_of(
+        &c,
+        "INSERT INTO t (port) VALUES (inet_server_port()) RETURNING port",
+    )
+    .await;
+    assert_eq!(p, primary_port(&s));
+    // Writes hidden behind a read-looking start still go to the primary.
+    let p = port_of(
+        &c,
+        "WITH x AS (INSERT INTO t (port) VALUES (0) RETURNING id) SELECT inet_server_port() FROM x",
+    )
+    .await;
+    assert_eq!(p, primary_port(&s));
+    let p = port_of(&c, "SELECT inet_server_port() FROM t FOR UPDATE LIMIT 1").await;
+    assert_eq!(p, primary_port(&s));
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port(), nextval('t_id_seq')").await,
+        primary_port(&s)
+    );
+    // A multi-statement query with any write runs on the primary.
+    let p = port_of(
+        &c,
+        "SELECT inet_server_port(); INSERT INTO t (port) VALUES (1)",
+    )
+    .await;
+    assert_eq!(p, primary_port(&s));
+    // Comment hints.
+    assert_eq!(
+        port_of(&c, "/* pgsplit:primary */ SELECT inet_server_port()").await,
+        primary_port(&s)
+    );
+    caught_up(&s);
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port() FROM t LIMIT 1").await,
+        replica_port(&s)
+    );
+    let st = s
+        .proxy()
+        .shared()
+        .stats
+        .routed_replica
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(st >= 2, "replica routes counted: {st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_block_runs_entirely_on_the_primary() {
+    let s = stack();
+    let c = client(&s).await;
+    c.batch_execute(
+        "CREATE TABLE acct (id int PRIMARY KEY, v int); INSERT INTO acct VALUES (1, 10)",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        primary_port(&s)
+    );
+    c.batch_execute("UPDATE acct SET v = v + 1 WHERE id = 1")
+        .await
+        .unwrap();
+    // Read-your-own-write inside the block: must see 11 (the replica can't).
+    let v: i32 = c
+        .query_one("SELECT v FROM acct WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 11);
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        primary_port(&s)
+    );
+    c.batch_execute("COMMIT").await.unwrap();
+    // After the block, reads go back to the replica.
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+    // A READ ONLY block runs on the replica; a write in it fails as on one server.
+    c.batch_execute("BEGIN READ ONLY").await.unwrap();
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+    let e = c.batch_execute("UPDATE acct SET v = 0").await.unwrap_err();
+    assert_eq!(code(&e), "25006");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    // tokio-postgres transactions (extended protocol).
+    let mut c = c;
+    let tx = c.transaction().await.unwrap();
+    let port: i32 = tx
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port, primary_port(&s));
+    tx.execute("UPDATE acct SET v = $1 WHERE id = 1", &[&42i32])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    caught_up(&s);
+    let v: i32 = c
+        .query_one("SELECT v FROM acct WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 42);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_with_parameters_and_reused_statements() {
+    let s = stack();
+    let mut c = client(&s).await;
+    let row = c
+        .query_one("SELECT $1::int + 1, inet_server_port()", &[&41i32])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    assert_eq!(row.get::<_, i32>(1), replica_port(&s));
+    c.batch_execute("CREATE TABLE kv (k text PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let ins = c
+        .prepare("INSERT INTO kv VALUES ($1, $2) RETURNING inet_server_port()")
+        .await
+        .unwrap();
+    for i in 0..5 {
+        let r = c.query_one(&ins, &[&format!("k{i}"), &"v"]).await.unwrap();
+        assert_eq!(r.get::<_, i32>(0), primary_port(&s));
+    }
+    // Prepared on the replica (a read), then executed inside a write block:
+    // pgsplit re-prepares it on the primary transparently.
+    caught_up(&s);
+    let read = c
+        .prepare("SELECT count(*)::int, inet_server_port() FROM kv")
+        .await
+        .unwrap();
+    let r = c.query_one(&read, &[]).await.unwrap();
+    assert_eq!(
+        (r.get::<_, i32>(0), r.get::<_, i32>(1)),
+        (5, replica_port(&s))
+    );
+    let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO kv VALUES ('k9', 'v')", &[])
+        .await
+        .unwrap();
+    let r = tx.query_one(&read, &[]).await.unwrap();
+    assert_eq!(
+        (r.get::<_, i32>(0), r.get::<_, i32>(1)),
+        (6, primary_port(&s))
+    );
+    tx.commit().await.unwrap();
+    // And still works on the replica afterwards.
+    caught_up(&s);
+    let r = c.query_one(&read, &[]).await.unwrap();
+    assert_eq!(
+        (r.get::<_, i32>(0), r.get::<_, i32>(1)),
+        (6, replica_port(&s))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_pass_through_and_the_session_continues() {
+    let s = stack();
+    let c = client(&s).await;
+    let e = c.simple_query("SELECT 1/0").await.unwrap_err();
+    assert_eq!(code(&e), "22012");
+    let e = c
+        .query("SELECT * FROM no_such_table", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "42P01");
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+    let e = c
+        .batch_execute("INSERT INTO no_such_table VALUES (1)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "42P01");
+    c.batch_execute("CREATE TABLE e (x int)").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    let e = c
+        .batch_execute("INSERT INTO e VALUES ('nope')")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "22P02");
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), "25P02");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_settings_follow_the_session_to_both_servers() {
+    let s = stack();
+    let c = client(&s).await;
+    c.batch_execute("SET application_name = 'split-test'")
+        .await
+        .unwrap();
+    let r = c
+        .query_one(
+            "SELECT current_setting('application_name'), inet_server_port()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "split-test");
+    assert_eq!(r.get::<_, i32>(1), replica_port(&s));
+    c.batch_execute("CREATE TABLE st (a text)").await.unwrap();
+    let r = c
+        .query_one("INSERT INTO st VALUES (current_setting('application_name')) RETURNING a, inet_server_port()", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "split-test");
+    assert_eq!(r.get::<_, i32>(1), primary_port(&s));
+    c.batch_execute("RESET application_name").await.unwrap();
+    let r = c
+        .query_one("SELECT current_setting('application_name')", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_goes_to_the_primary_and_copy_out_is_relayed() {
+    use bytes::Bytes;
+    use futures_util::{SinkExt, TryStreamExt};
+    let s = stack();
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE cp (id int, name text)")
+        .await
+        .unwrap();
+    let sink = c.copy_in("COPY cp FROM STDIN").await.unwrap();
+    let mut sink = std::pin::pin!(sink);
+    for chunk in 0..10 {
+        let data: String = (0..100)
+            .map(|i| format!("{}\tname{i}\n", chunk * 100 + i))
+            .collect();
+        sink.send(Bytes::from(data)).await.unwrap();
+    }
+    let n = sink.finish().await.unwrap();
+    assert_eq!(n, 1000);
+    // A COPY error mid-stream reaches the client, and the session goes on.
+    let sink = c.copy_in("COPY cp FROM STDIN").await.unwrap();
+    let mut sink = std::pin::pin!(sink);
+    sink.send(Bytes::from_static(b"1\tok\nnot-a-number\tbad\n"))
+        .await
+        .unwrap();
+    let e = sink.finish().await.unwrap_err();
+    assert_eq!(code(&e), "22P02");
+    caught_up(&s);
+    let count: i64 = c
+        .query_one("SELECT count(*) FROM cp", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1000);
+    let stream = c
+        .copy_out("COPY (SELECT id FROM cp ORDER BY id) TO STDOUT")
+        .await
+        .unwrap();
+    let chunks: Vec<Bytes> = stream.try_collect().await.unwrap();
+    let text: Vec<u8> = chunks.concat();
+    assert_eq!(text.iter().filter(|b| **b == b'\n').count(), 1000);
+    assert!(text.starts_with(b"0\n1\n2\n"));
+}
