@@ -1,1 +1,401 @@
-fn main() {}
+//! pgbench through pgsplit, against direct PostgreSQL and PgBouncer, in one
+//! run on the same machine, interleaved so drift hits every target alike.
+//!
+//! ```text
+//! cargo run --release -p pgsplit-benches --bin pgbench-compare -- [--duration 10] [--rounds 1] [--scale 10] [--quick]
+//! ```
+//!
+//! Reads (`-S`) are compared with the replica, which is where pgsplit sends
+//! them; TPC-B with the primary. pgsplit reaches the primary directly here
+//! (no fault tunnel) so the figure is the proxy's own cost. PgBouncer (in
+//! session mode, the mode that supports every `-M`) is skipped with a note
+//! when it is not installed. Prints a table of TPS, latency and ratios.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use pgsplit_lab::stack::{Stack, StackOptions};
+use pgsplit_lab::PgBinaries;
+
+struct Args {
+    duration: u32,
+    rounds: u32,
+    scale: u32,
+    quick: bool,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        duration: 10,
+        rounds: 1,
+        scale: 10,
+        quick: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut num = |name: &str| -> u32 {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} needs a number"))
+        };
+        match k.as_str() {
+            "--duration" => a.duration = num("--duration"),
+            "--rounds" => a.rounds = num("--rounds"),
+            "--scale" => a.scale = num("--scale"),
+            "--quick" => a.quick = true,
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+#[derive(Clone, Copy)]
+struct Case {
+    select_only: bool,
+    mode: &'static str,
+    clients: u32,
+}
+
+impl Case {
+    fn label(&self) -> String {
+        format!(
+            "{} -M {} -c{}",
+            if self.select_only { "-S   " } else { "tpcb " },
+            self.mode,
+            self.clients
+        )
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Sample {
+    tps: f64,
+    latency_ms: f64,
+    failed: u64,
+    /// CPU the proxy process used per transaction (µs), when measured.
+    cpu_us: f64,
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Runs pgbench and charges the CPU time of `proxy_pid` to it.
+fn measured(
+    bins: &PgBinaries,
+    url: &str,
+    case: Case,
+    duration: u32,
+    proxy_pid: Option<u32>,
+) -> Sample {
+    let before = proxy_pid.map(cpu_seconds);
+    let mut s = run_pgbench(bins, url, case, duration);
+    if let (Some(pid), Some(b)) = (proxy_pid, before) {
+        let tx = s.tps * f64::from(duration);
+        if tx > 0.0 {
+            s.cpu_us = (cpu_seconds(pid) - b) * 1e6 / tx;
+        }
+    }
+    s
+}
+
+fn run_pgbench(bins: &PgBinaries, url: &str, case: Case, duration: u32) -> Sample {
+    let mut c = Command::new(bins.tool("pgbench"));
+    c.args(["-n", "-M", case.mode, "-T", &duration.to_string()])
+        .args([
+            "-c",
+            &case.clients.to_string(),
+            "-j",
+            &case.clients.min(2).to_string(),
+        ]);
+    if case.select_only {
+        c.arg("-S");
+    }
+    c.arg(url);
+    let out = c.output().expect("pgbench runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        eprintln!("pgbench failed for {}:\n{text}", case.label());
+        return Sample::default();
+    }
+    let find = |prefix: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    Sample {
+        tps: find("tps = ").unwrap_or(0.0),
+        latency_ms: find("latency average = ").unwrap_or(0.0),
+        failed: find("number of failed transactions: ").unwrap_or(0.0) as u64,
+        cpu_us: 0.0,
+    }
+}
+
+/// A PgBouncer in session mode with one database per backend.
+struct Bouncer {
+    child: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start_pgbouncer(
+    primary: SocketAddr,
+    replica: SocketAddr,
+    user: &str,
+    password: &str,
+) -> Option<Bouncer> {
+    let exe = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+    let port = pgsplit_lab::ports::free_port().ok()?;
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("pgsplit-bench-bouncer-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).ok()?;
+    let ini = format!(
+        "[databases]\nreplica = host={} port={} dbname=app\nprimary = host={} port={} dbname=app\n\
+         [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+         auth_type = scram-sha-256\nauth_file = {}/users.txt\npool_mode = session\n\
+         max_client_conn = 200\ndefault_pool_size = 20\nlogfile = {}/pgbouncer.log\n",
+        replica.ip(),
+        replica.port(),
+        primary.ip(),
+        primary.port(),
+        dir.0.display(),
+        dir.0.display()
+    );
+    std::fs::write(dir.0.join("pgbouncer.ini"), ini).ok()?;
+    std::fs::write(
+        dir.0.join("users.txt"),
+        format!("\"{user}\" \"{password}\"\n"),
+    )
+    .ok()?;
+    let root = unsafe_free_is_root();
+    let mut cmd = if root {
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:", &dir.0.display().to_string()])
+            .status();
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", exe]);
+        c
+    } else {
+        Command::new(exe)
+    };
+    cmd.arg(dir.0.join("pgbouncer.ini"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = cmd.spawn().ok()?;
+    for _ in 0..50 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(Bouncer {
+                child,
+                port,
+                _dir: dir,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+fn unsafe_free_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl Bouncer {
+    /// The pgbouncer process itself (under runuser when started as root).
+    fn pid(&self) -> Option<u32> {
+        let out = Command::new("pgrep")
+            .args(["-x", "pgbouncer"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .find(|p: &u32| {
+                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.contains(&self._dir.0.display().to_string()))
+            })
+    }
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn main() {
+    let args = parse_args();
+    let bins = PgBinaries::locate().expect("PostgreSQL binaries");
+    let set: Vec<String> = std::env::var("PGSPLIT_BENCH_SET")
+        .map(|v| v.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let stack = Stack::start(StackOptions {
+        primary_through_tunnel: false,
+        set,
+        lab: pgsplit_lab::LabOptions {
+            extra_conf: vec![("max_connections".into(), "200".into())],
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .expect("lab starts");
+    let o = &stack.options().lab;
+    let (user, pw, db) = (o.user.clone(), o.password.clone(), o.database.clone());
+    let c = stack.cluster();
+    let direct_primary = format!("postgres://{user}:{pw}@{}/{db}", c.primary_addr());
+    let direct_replica = format!("postgres://{user}:{pw}@{}/{db}", c.replica_addr());
+    let proxy = stack.url();
+    eprintln!("initialising pgbench tables (scale {})…", args.scale);
+    let st = Command::new(bins.tool("pgbench"))
+        .args(["-i", "-q", "-s", &args.scale.to_string(), &direct_primary])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("pgbench -i");
+    assert!(st.success(), "pgbench -i failed");
+    c.wait_replica_caught_up(Duration::from_secs(120))
+        .expect("replica catches up");
+    let bouncer = start_pgbouncer(c.primary_addr(), c.replica_addr(), &user, &pw);
+    if bouncer.is_none() {
+        eprintln!(
+            "note: pgbouncer not installed (apt-get install pgbouncer); its column is skipped"
+        );
+    }
+    let mut cases = Vec::new();
+    for mode in ["simple", "extended", "prepared"] {
+        cases.push(Case {
+            select_only: true,
+            mode,
+            clients: 8,
+        });
+        if !args.quick {
+            cases.push(Case {
+                select_only: false,
+                mode,
+                clients: 8,
+            });
+            cases.push(Case {
+                select_only: true,
+                mode,
+                clients: 1,
+            });
+        }
+    }
+    let n = cases.len();
+    let mut direct = vec![Vec::new(); n];
+    let mut split = vec![Vec::new(); n];
+    let mut bounce = vec![Vec::new(); n];
+    for round in 0..args.rounds {
+        for (i, case) in cases.iter().enumerate() {
+            eprintln!("round {} {}", round + 1, case.label());
+            let d = if case.select_only {
+                &direct_replica
+            } else {
+                &direct_primary
+            };
+            direct[i].push(run_pgbench(&bins, d, *case, args.duration));
+            split[i].push(measured(
+                &bins,
+                &proxy,
+                *case,
+                args.duration,
+                Some(std::process::id()),
+            ));
+            if let Some(b) = &bouncer {
+                let dbname = if case.select_only {
+                    "replica"
+                } else {
+                    "primary"
+                };
+                let url = format!("postgres://{user}:{pw}@127.0.0.1:{}/{dbname}", b.port);
+                bounce[i].push(measured(&bins, &url, *case, args.duration, b.pid()));
+            }
+        }
+    }
+    let mean = |v: &[Sample], f: fn(&Sample) -> f64| -> f64 {
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().map(f).sum::<f64>() / v.len() as f64
+        }
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n{:<26} {:>10} {:>10} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "case",
+        "direct",
+        "pgsplit",
+        "pgbouncer",
+        "split×",
+        "bouncer×",
+        "lat dir",
+        "lat split",
+        "cpu/tx sp",
+        "cpu/tx bo",
+        "failed"
+    );
+    for (i, case) in cases.iter().enumerate() {
+        let (dt, st, bt) = (
+            mean(&direct[i], |s| s.tps),
+            mean(&split[i], |s| s.tps),
+            mean(&bounce[i], |s| s.tps),
+        );
+        let failed: u64 = split[i].iter().map(|s| s.failed).sum();
+        let ratio = |x: f64| {
+            if dt > 0.0 {
+                format!("{:.2}", x / dt)
+            } else {
+                "-".into()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "{:<26} {:>10.0} {:>10.0} {:>10} {:>8} {:>9} {:>7.3}ms {:>7.3}ms {:>7.1}µs {:>7.1}µs {:>7}",
+            case.label(),
+            dt,
+            st,
+            if bouncer.is_some() { format!("{bt:.0}") } else { "-".into() },
+            ratio(st),
+            if bouncer.is_some() { ratio(bt) } else { "-".into() },
+            mean(&direct[i], |s| s.latency_ms),
+            mean(&split[i], |s| s.latency_ms),
+            mean(&split[i], |s| s.cpu_us),
+            mean(&bounce[i], |s| s.cpu_us),
+            failed,
+        );
+    }
+    println!("{out}");
+    println!(
+        "{} s per run, {} round(s), scale {}, reads vs the replica, TPC-B vs the primary; ratios are TPS / direct TPS",
+        args.duration, args.rounds, args.scale
+    );
+}

@@ -1,53 +1,42 @@
-//! pgsplit itself, in-process, on its own runtime thread: tests and the lab
-//! drive the same `serve` as production, on a port picked at run time.
+//! pgsplit itself, in-process, on its own threads: tests and the lab drive
+//! the same `Server::run` as production, on a port picked at run time.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use pgsplit_server::{Config, Shared};
-use tokio::sync::oneshot;
+use pgsplit_server::{CancellationToken, Config, Server, Shared};
 
 /// A running proxy; dropping it shuts it down and waits for it.
 pub struct RunningProxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    stop: Option<oneshot::Sender<()>>,
+    stop: CancellationToken,
     thread: Option<JoinHandle<()>>,
 }
 
 impl RunningProxy {
-    /// Binds `config.listen` (port 0 picks one) and serves on a new thread.
+    /// Binds `config.listen` (port 0 picks one) and serves on new threads.
     ///
     /// # Errors
     /// The bind error.
     pub fn start(config: Config) -> std::io::Result<RunningProxy> {
-        let config = Arc::new(config);
-        let shared = Arc::new(Shared::new(config.clone()));
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("pgsplit-proxy")
-            .enable_all()
-            .build()?;
-        let listener = rt.block_on(pgsplit_server::bind(&config))?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let s = shared.clone();
+        let server = Server::bind(config)?;
+        let addr = server.local_addr()?;
+        let shared = server.shared().clone();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
         let thread = std::thread::Builder::new()
-            .name("pgsplit-proxy-main".into())
+            .name("pgsplit-proxy".into())
             .spawn(move || {
-                rt.block_on(async move {
-                    let _ = pgsplit_server::serve_shared(listener, s, async move {
-                        let _ = stopped.await;
-                    })
-                    .await;
-                });
-                rt.shutdown_timeout(std::time::Duration::from_secs(2));
+                if let Err(e) = server.run(token) {
+                    eprintln!("pgsplit: {e}");
+                }
             })?;
         Ok(RunningProxy {
             addr,
             shared,
-            stop: Some(stop),
+            stop,
             thread: Some(thread),
         })
     }
@@ -65,9 +54,7 @@ impl RunningProxy {
 
 impl Drop for RunningProxy {
     fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
+        self.stop.cancel();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

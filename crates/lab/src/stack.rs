@@ -20,6 +20,10 @@ pub struct StackOptions {
     pub set: Vec<String>,
     /// Extra TOML prepended to the proxy's configuration (e.g. more users).
     pub toml: String,
+    /// pgsplit reaches the primary through the fault tunnel (as through the
+    /// SSH tunnel in production). Benchmarks turn it off to measure the
+    /// proxy alone.
+    pub primary_through_tunnel: bool,
 }
 
 impl Default for StackOptions {
@@ -29,6 +33,7 @@ impl Default for StackOptions {
             listen: "127.0.0.1:0".parse().expect("literal"),
             set: Vec::new(),
             toml: String::new(),
+            primary_through_tunnel: true,
         }
     }
 }
@@ -72,14 +77,16 @@ impl Stack {
         let o = &self.opts.lab;
         let mut set = self.opts.set.clone();
         set.extend_from_slice(extra);
+        let primary = if self.opts.primary_through_tunnel {
+            self.tunnel.addr()
+        } else {
+            self.cluster.primary_addr()
+        };
         let overrides = Overrides {
             listen: Some(self.opts.listen),
             primary_url: Some(format!(
                 "postgres://{}:{}@{}/{}",
-                o.user,
-                o.password,
-                self.tunnel.addr(),
-                o.database
+                o.user, o.password, primary, o.database
             )),
             replica_url: Some(format!(
                 "postgres://{}:{}@{}/{}",

@@ -4,10 +4,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use pgsplit_server::config::{Config, Overrides};
+use pgsplit_server::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -93,32 +93,38 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("pgsplit: no users configured: add [[users]] to the file or give --primary postgres://user:password@host:port/db");
         return ExitCode::from(2);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    let listen = config.listen;
+    let server = match pgsplit_server::Server::bind(config) {
+        Ok(s) => s,
         Err(e) => {
-            eprintln!("pgsplit: cannot start the runtime: {e}");
+            eprintln!("pgsplit: cannot listen on {listen}: {e}");
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
-        let listener = match pgsplit_server::bind(&config).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("pgsplit: cannot listen on {}: {e}", config.listen);
-                return ExitCode::FAILURE;
+    let token = CancellationToken::new();
+    let on_signal = token.clone();
+    let signals = std::thread::Builder::new()
+        .name("pgsplit-signals".into())
+        .spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(shutdown_signal());
             }
-        };
-        match pgsplit_server::serve(listener, Arc::new(config), shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("pgsplit: {e}");
-                ExitCode::FAILURE
-            }
+            on_signal.cancel();
+        });
+    if let Err(e) = signals {
+        eprintln!("pgsplit: cannot start the signal handler: {e}");
+        return ExitCode::FAILURE;
+    }
+    match server.run(token) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgsplit: {e}");
+            ExitCode::FAILURE
         }
-    })
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

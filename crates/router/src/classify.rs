@@ -408,6 +408,38 @@ mod tests {
         }
     }
 
+    /// Inputs built to exhaust the stack or the CPU: each must finish fast
+    /// and safely (the test's own run time is the bound).
+    #[test]
+    fn pathological_inputs_finish() {
+        let classifier = Classifier::new(ClassifierConfig::default());
+        let cases = [
+            ("(".repeat(100_000), None),
+            (
+                format!("SELECT update {}", "(".repeat(100_000)),
+                Some(Unknown),
+            ),
+            ("EXPLAIN ".repeat(10_000), None),
+            (
+                format!("{}SELECT 1", "EXPLAIN ANALYZE ".repeat(10_000)),
+                None,
+            ),
+            ("/*".repeat(100_000), Some(Unknown)),
+            (format!("SELECT {}", "set_config(".repeat(20_000)), None),
+            (format!("SELECT ${}$", "a".repeat(100_000)), Some(Unknown)),
+            (format!("SELECT {}", "$a$".repeat(30_001)), Some(Unknown)),
+            (";".repeat(100_000), Some(Empty)),
+            (format!("SELECT '{}'", "''".repeat(100_000)), Some(Read)),
+        ];
+        for (sql, want) in cases {
+            let class = classifier.classify(&sql);
+            if let Some(want) = want {
+                assert_eq!(class.kind, want, "{}", &sql[..40.min(sql.len())]);
+            }
+            assert!(class.kind.needs_primary() || class.kind == Empty || class.kind == Read);
+        }
+    }
+
     #[test]
     fn configured_functions_apply_to_both_stages() {
         let classifier = Classifier::new(ClassifierConfig {

@@ -158,6 +158,7 @@ pub const CORPUS: &[(&str, StmtKind)] = &[
     ("SELECT 1 -- a line comment ends at a carriage return\r; DELETE FROM t", Write),
     ("/* nested /* delete */ still comment */ SELECT 1", Read),
     ("SELECT $$ DELETE FROM t $$", Read),
+    ("SELECT $fn$ x $fn$", Read),
     ("SELECT $fn$ x $$ update $$ $fn$", Read),
     (r"SELECT E'\' DELETE'", Read),
     (r"SELECT E'it\'s; delete from t'", Read),
@@ -177,6 +178,7 @@ pub const CORPUS: &[(&str, StmtKind)] = &[
     // Queries.
     ("(SELECT 1) UNION (SELECT 2)", Read),
     ("VALUES (1, 'a'), (2, 'b')", Read),
+    ("TABLE t", Read),
     ("WITH x AS (SELECT 1) SELECT * FROM x", Read),
     (
         "WITH RECURSIVE t(n) AS (VALUES (1) UNION ALL SELECT n + 1 FROM t WHERE n < 100) SELECT sum(n) FROM t",

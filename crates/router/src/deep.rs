@@ -8,8 +8,18 @@
 //! finds locking clauses, `SELECT … INTO`, data-modifying CTEs and calls of
 //! listed functions at any depth.
 //!
-//! A parse costs tens of microseconds, so results are kept in a bounded
-//! cache keyed by the statement text. The cache has two generations: new
+//! A parse costs microseconds to milliseconds, so results are kept in a
+//! bounded cache keyed by the statement text.
+//!
+//! The parser is handed client input, so it runs inside two bounds. It gets
+//! a stack of its own (64 MiB, committed only as it is used):
+//! `sqlparser` limits most of its recursion, but not all of it — a chain of
+//! `JOIN`s without `ON` nests one call per join, and a few hundred of them
+//! overflow a 2 MiB thread stack, which would abort the whole proxy. And
+//! statements longer than [`MAX_PARSE_BYTES`] are not parsed at all but are
+//! `Unknown`, which keeps the worst-case recursion within that stack and the
+//! cache's memory within capacity × that length. Statements that long are
+//! almost always decided by the lexical stage anyway. The cache has two generations: new
 //! entries go into the young map; when it is full the old map is dropped and
 //! the young one takes its place, and a hit in the old map moves the entry
 //! back. That keeps recently used statements for the price of two hash maps,
@@ -33,6 +43,17 @@ use sqlparser::parser::Parser;
 
 use crate::functions::{Effect, WriteFunctions};
 use crate::StmtKind;
+
+/// Longest statement text the parser is given; longer undecided statements
+/// are `Unknown`.
+pub const MAX_PARSE_BYTES: usize = 4 * 1024;
+
+/// Size of the stack the parser and the AST walk run on. Sized for the
+/// deepest recursion [`MAX_PARSE_BYTES`] of text can cause: `t JOIN ` is 7
+/// bytes, so about 580 nested joins, at roughly 60 KiB of stack each in an
+/// unoptimised build (8 KiB optimised). It is reserved, not committed, so
+/// untouched pages cost nothing.
+const PARSE_STACK_BYTES: usize = 64 * 1024 * 1024;
 
 /// Parser results for statements the lexical stage left open.
 #[derive(Debug)]
@@ -59,7 +80,7 @@ impl Deep {
     /// The kind of `sql` (one or more statements), from the cache or by
     /// parsing it.
     pub fn classify(&self, sql: &str, fns: &WriteFunctions<'_>) -> StmtKind {
-        if self.capacity == 0 {
+        if self.capacity == 0 || sql.len() > MAX_PARSE_BYTES {
             return parse_kind(sql, fns);
         }
         if let Some(kind) = self.lookup(sql) {
@@ -102,25 +123,39 @@ impl Deep {
 }
 
 impl Generations {
+    /// Inserts into the young generation, first retiring it if full. The
+    /// young one holds at most half the capacity and becomes the old one
+    /// whole, so together they never exceed the capacity.
     fn insert(&mut self, key: Box<str>, kind: StmtKind, capacity: usize) {
-        let generation = capacity.div_ceil(2);
-        if self.young.len() >= generation {
-            self.old = std::mem::take(&mut self.young);
+        let young_max = (capacity / 2).max(1);
+        if self.young.len() >= young_max {
+            if capacity > young_max {
+                self.old = std::mem::take(&mut self.young);
+            } else {
+                self.young.clear();
+            }
         }
         self.young.insert(key, kind);
     }
 }
 
 /// Parses `sql` and classifies every statement in it, uncached. `Unknown`
-/// when it does not parse.
+/// when it does not parse or is longer than [`MAX_PARSE_BYTES`].
 pub fn parse_kind(sql: &str, fns: &WriteFunctions<'_>) -> StmtKind {
-    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
-        Ok(statements) if !statements.is_empty() => statements
-            .iter()
-            .fold(StmtKind::Empty, |kind, s| kind.combine(statement(s, fns))),
-        Ok(_) => StmtKind::Empty,
-        Err(_) => StmtKind::Unknown,
+    if sql.len() > MAX_PARSE_BYTES {
+        return StmtKind::Unknown;
     }
+    // Parse, walk and drop the tree all on the dedicated stack: each of the
+    // three recurses as deeply as the tree is nested.
+    stacker::grow(PARSE_STACK_BYTES, || {
+        match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+            Ok(statements) if !statements.is_empty() => statements
+                .iter()
+                .fold(StmtKind::Empty, |kind, s| kind.combine(statement(s, fns))),
+            Ok(_) => StmtKind::Empty,
+            Err(_) => StmtKind::Unknown,
+        }
+    })
 }
 
 /// The kind of one parsed statement.
@@ -461,16 +496,60 @@ mod tests {
 
     #[test]
     fn cache_keeps_recent_entries_within_capacity() {
-        let deep = Deep::new(4);
         let fns = WriteFunctions::new(&[]);
+        for capacity in 1..8 {
+            let deep = Deep::new(capacity);
+            for i in 0..20 {
+                deep.classify(&format!("SELECT update FROM t{i}"), &fns);
+                assert!(deep.len() <= capacity, "capacity {capacity}");
+            }
+            assert!(deep.lookup("SELECT update FROM t19").is_some());
+        }
+        let deep = Deep::new(4);
         for i in 0..10 {
             deep.classify(&format!("SELECT update FROM t{i}"), &fns);
-            assert!(deep.len() <= 4);
         }
         // The most recent statement is still cached.
         assert_eq!(deep.lookup("SELECT update FROM t9"), Some(Read));
         let off = Deep::new(0);
         off.classify("SELECT update FROM t", &fns);
         assert!(off.is_empty());
+        let huge = format!(
+            "SELECT update FROM t WHERE a = '{}'",
+            "x".repeat(MAX_PARSE_BYTES)
+        );
+        let deep = Deep::new(4);
+        assert_eq!(deep.classify(&huge, &fns), Unknown);
+        assert!(deep.is_empty());
+    }
+
+    /// Shapes that make `sqlparser` recurse once per repetition, as long as
+    /// the size bound lets them be, on a test thread's ordinary stack.
+    #[test]
+    fn deep_recursion_cannot_overflow_the_callers_stack() {
+        let fns = WriteFunctions::new(&[]);
+        let fill = |prefix: &str, unit: &str, suffix: &str| {
+            let n = (MAX_PARSE_BYTES - prefix.len() - suffix.len()) / unit.len();
+            format!("{prefix}{}{suffix}", unit.repeat(n))
+        };
+        let cases = [
+            fill("SELECT update FROM ", "t JOIN ", "t"),
+            fill("SELECT update FROM t", " JOIN t", ""),
+            fill("", "EXPLAIN ANALYZE ", "SELECT 1"),
+            fill("", "PREPARE a AS ", "SELECT 1"),
+            fill(
+                "",
+                "CREATE RULE r AS ON SELECT TO t DO INSTEAD ",
+                "SELECT 1",
+            ),
+            fill("SELECT ", "(", "1"),
+            fill("SELECT 1 ", "AND 1 ", ""),
+            fill("SELECT ", "- ", "1"),
+        ];
+        for sql in &cases {
+            assert!(sql.len() <= MAX_PARSE_BYTES);
+            // Any answer will do; the point is returning at all.
+            let _ = parse_kind(sql, &fns);
+        }
     }
 }

@@ -72,57 +72,86 @@ impl Effect {
     }
 }
 
-/// Built-in functions, as globs over the lower-case name.
+/// Built-in functions by exact lower-case name, sorted for binary search.
 const BUILTIN: &[(&str, Effect)] = &[
-    ("nextval", Effect::Write),
-    ("setval", Effect::Write),
     ("currval", Effect::Write),
+    ("dblink_exec", Effect::Write),
     ("lastval", Effect::Write),
-    ("txid_current", Effect::Write),
-    ("pg_current_xact_id", Effect::Write),
-    ("pg_current_wal_lsn", Effect::Write),
-    ("pg_current_wal_insert_lsn", Effect::Write),
-    ("pg_current_wal_flush_lsn", Effect::Write),
-    ("pg_advisory_xact_lock", Effect::Write),
-    ("pg_advisory_xact_lock_shared", Effect::Write),
-    ("pg_try_advisory_xact_lock", Effect::Write),
-    ("pg_try_advisory_xact_lock_shared", Effect::Write),
-    ("pg_advisory_lock", Effect::Pin),
-    ("pg_advisory_lock_shared", Effect::Pin),
-    ("pg_try_advisory_lock", Effect::Pin),
-    ("pg_try_advisory_lock_shared", Effect::Pin),
-    ("pg_advisory_unlock", Effect::Pin),
-    ("pg_advisory_unlock_shared", Effect::Pin),
-    ("pg_advisory_unlock_all", Effect::Pin),
-    ("set_config", Effect::SetConfig),
-    ("pg_notify", Effect::Write),
-    ("pg_switch_wal", Effect::Write),
-    ("pg_create_restore_point", Effect::Write),
-    ("pg_start_backup", Effect::Write),
-    ("pg_stop_backup", Effect::Write),
-    ("pg_backup_start", Effect::Write),
-    ("pg_backup_stop", Effect::Write),
-    ("pg_create_*_replication_slot", Effect::Write),
-    ("pg_copy_*_replication_slot", Effect::Write),
-    ("pg_drop_replication_slot", Effect::Write),
-    ("pg_replication_slot_advance", Effect::Write),
-    ("pg_replication_origin_*", Effect::Write),
-    ("pg_logical_emit_message", Effect::Write),
-    ("pg_stat_reset*", Effect::Write),
-    ("lo_create", Effect::Write),
     ("lo_creat", Effect::Write),
-    ("lo_import", Effect::Write),
+    ("lo_create", Effect::Write),
     ("lo_export", Effect::Write),
-    ("lo_unlink", Effect::Write),
-    ("lo_put", Effect::Write),
     ("lo_from_bytea", Effect::Write),
+    ("lo_import", Effect::Write),
     ("lo_open", Effect::Write),
-    ("lo_write", Effect::Write),
-    ("lowrite", Effect::Write),
+    ("lo_put", Effect::Write),
     ("lo_truncate", Effect::Write),
     ("lo_truncate64", Effect::Write),
-    ("dblink_exec", Effect::Write),
+    ("lo_unlink", Effect::Write),
+    ("lo_write", Effect::Write),
+    ("lowrite", Effect::Write),
+    ("nextval", Effect::Write),
+    ("pg_advisory_lock", Effect::Pin),
+    ("pg_advisory_lock_shared", Effect::Pin),
+    ("pg_advisory_unlock", Effect::Pin),
+    ("pg_advisory_unlock_all", Effect::Pin),
+    ("pg_advisory_unlock_shared", Effect::Pin),
+    ("pg_advisory_xact_lock", Effect::Write),
+    ("pg_advisory_xact_lock_shared", Effect::Write),
+    ("pg_backup_start", Effect::Write),
+    ("pg_backup_stop", Effect::Write),
+    ("pg_create_restore_point", Effect::Write),
+    ("pg_current_wal_flush_lsn", Effect::Write),
+    ("pg_current_wal_insert_lsn", Effect::Write),
+    ("pg_current_wal_lsn", Effect::Write),
+    ("pg_current_xact_id", Effect::Write),
+    ("pg_drop_replication_slot", Effect::Write),
+    ("pg_logical_emit_message", Effect::Write),
+    ("pg_notify", Effect::Write),
+    ("pg_replication_slot_advance", Effect::Write),
+    ("pg_start_backup", Effect::Write),
+    ("pg_stop_backup", Effect::Write),
+    ("pg_switch_wal", Effect::Write),
+    ("pg_try_advisory_lock", Effect::Pin),
+    ("pg_try_advisory_lock_shared", Effect::Pin),
+    ("pg_try_advisory_xact_lock", Effect::Write),
+    ("pg_try_advisory_xact_lock_shared", Effect::Write),
+    ("set_config", Effect::SetConfig),
+    ("setval", Effect::Write),
+    ("txid_current", Effect::Write),
 ];
+
+/// Built-in families, as globs over the lower-case name; all start `pg_`.
+const BUILTIN_GLOBS: &[(&str, Effect)] = &[
+    ("pg_create_*_replication_slot", Effect::Write),
+    ("pg_copy_*_replication_slot", Effect::Write),
+    ("pg_replication_origin_*", Effect::Write),
+    ("pg_stat_reset*", Effect::Write),
+];
+
+/// Longest name a built-in can have; PostgreSQL truncates identifiers to 63
+/// bytes anyway.
+const MAX_NAME: usize = 63;
+
+fn builtin(name: &[u8]) -> Option<Effect> {
+    if name.len() > MAX_NAME {
+        return None;
+    }
+    let mut buf = [0u8; MAX_NAME];
+    let lower = &mut buf[..name.len()];
+    lower.copy_from_slice(name);
+    lower.make_ascii_lowercase();
+    let lower = &*lower;
+    if let Ok(i) = BUILTIN.binary_search_by(|(n, _)| n.as_bytes().cmp(lower)) {
+        return Some(BUILTIN[i].1);
+    }
+    if !lower.starts_with(b"pg_") {
+        return None;
+    }
+    BUILTIN_GLOBS
+        .iter()
+        .find(|(pattern, _)| glob(pattern.as_bytes(), lower))
+        .map(|&(_, effect)| effect)
+}
 
 /// The built-in list plus the operator's patterns, borrowed.
 #[derive(Clone, Copy, Debug)]
@@ -136,13 +165,15 @@ impl<'a> WriteFunctions<'a> {
         WriteFunctions { extra }
     }
 
+    /// True when the operator configured patterns of their own.
+    pub fn has_extra(&self) -> bool {
+        !self.extra.is_empty()
+    }
+
     /// The effect of calling `schema.name(…)` (`schema` empty when the call
     /// is unqualified), or `None` for a function assumed to read.
     pub fn effect(&self, schema: &[u8], name: &[u8]) -> Option<Effect> {
-        let mut found = BUILTIN
-            .iter()
-            .find(|(pattern, _)| glob(pattern.as_bytes(), name))
-            .map(|&(_, effect)| effect);
+        let mut found = builtin(name);
         if found.is_none()
             && self
                 .extra
@@ -259,6 +290,17 @@ mod tests {
             effect(&["set_*"], "", "set_config"),
             Some(Effect::SetConfig)
         );
+    }
+
+    #[test]
+    fn builtin_table_is_sorted_lowercase_and_matches_itself() {
+        assert!(BUILTIN.windows(2).all(|w| w[0].0 < w[1].0));
+        for &(name, effect) in BUILTIN {
+            assert_eq!(name, name.to_ascii_lowercase());
+            assert_eq!(builtin(name.to_ascii_uppercase().as_bytes()), Some(effect));
+        }
+        assert_eq!(builtin(&[b'a'; 200]), None);
+        assert_eq!(builtin(b""), None);
     }
 
     #[test]

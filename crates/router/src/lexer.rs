@@ -125,12 +125,19 @@ impl<'a> Lexer<'a> {
         self.pos
     }
 
+    /// Moves back to `offset`, an earlier [`Lexer::offset`], to read the
+    /// same tokens again.
+    pub fn rewind(&mut self, offset: usize) {
+        self.pos = offset.min(self.pos);
+    }
+
     /// The byte at `i`, or 0 past the end (0 is never compared against).
     #[inline]
     fn at(&self, i: usize) -> u8 {
         self.src.get(i).copied().unwrap_or(0)
     }
 
+    #[inline]
     fn token(&mut self, kind: TokenKind, start: usize, end: usize) -> Token<'a> {
         let end = end.min(self.src.len());
         self.pos = end;
@@ -148,6 +155,7 @@ impl<'a> Lexer<'a> {
 
     /// Skips whitespace and comments, recording hints. Returns the
     /// unterminated token when a block comment never closes.
+    #[inline]
     fn skip_trivia(&mut self) -> Option<Token<'a>> {
         loop {
             match self.at(self.pos) {
@@ -313,18 +321,21 @@ impl<'a> Lexer<'a> {
         self.token(TokenKind::Operator, start, i)
     }
 
+    #[inline]
     fn word(&mut self, start: usize) -> Token<'a> {
-        let mut i = start + 1;
-        while is_ident_cont(self.at(i)) {
-            i += 1;
-        }
-        self.token(TokenKind::Word, start, i)
+        let rest = self.src.get(start + 1..).unwrap_or(&[]);
+        let len = rest
+            .iter()
+            .position(|&b| !is_ident_cont(b))
+            .unwrap_or(rest.len());
+        self.token(TokenKind::Word, start, start + 1 + len)
     }
 }
 
 impl<'a> Iterator for Lexer<'a> {
     type Item = Token<'a>;
 
+    #[inline]
     fn next(&mut self) -> Option<Token<'a>> {
         if let Some(tok) = self.skip_trivia() {
             return Some(tok);
@@ -365,45 +376,76 @@ impl<'a> Iterator for Lexer<'a> {
     }
 }
 
-/// First byte of an unquoted identifier: a letter, `_`, or any non-ASCII byte
-/// (PostgreSQL treats every high-bit byte as a letter).
+/// Byte classes, looked up once per byte in the scanning loops.
+const IDENT_START: u8 = 1;
+const IDENT_CONT: u8 = 2;
+const TAG_CHAR: u8 = 4;
+const OP_CHAR: u8 = 8;
+
+static CLASS: [u8; 256] = byte_classes();
+
+const fn byte_classes() -> [u8; 256] {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        let mut class = 0;
+        // PostgreSQL treats every high-bit byte as a letter.
+        if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            class |= IDENT_START | IDENT_CONT | TAG_CHAR;
+        }
+        if c.is_ascii_digit() {
+            class |= IDENT_CONT | TAG_CHAR;
+        }
+        // `$` continues an identifier but not a dollar-quote tag.
+        if c == b'$' {
+            class |= IDENT_CONT;
+        }
+        if matches!(
+            c,
+            b'+' | b'-'
+                | b'*'
+                | b'/'
+                | b'<'
+                | b'>'
+                | b'='
+                | b'~'
+                | b'!'
+                | b'@'
+                | b'#'
+                | b'%'
+                | b'^'
+                | b'&'
+                | b'|'
+                | b'`'
+                | b'?'
+        ) {
+            class |= OP_CHAR;
+        }
+        table[i] = class;
+        i += 1;
+    }
+    table
+}
+
 #[inline]
 fn is_ident_start(c: u8) -> bool {
-    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
+    CLASS[c as usize] & IDENT_START != 0
 }
 
 #[inline]
 fn is_ident_cont(c: u8) -> bool {
-    is_ident_start(c) || c.is_ascii_digit() || c == b'$'
+    CLASS[c as usize] & IDENT_CONT != 0
 }
 
-/// A dollar-quote tag is an identifier without `$`.
 #[inline]
 fn is_tag_char(c: u8) -> bool {
-    is_ident_start(c) || c.is_ascii_digit()
+    CLASS[c as usize] & TAG_CHAR != 0
 }
 
 #[inline]
 fn is_op_char(c: u8) -> bool {
-    matches!(
-        c,
-        b'+' | b'-'
-            | b'*'
-            | b'/'
-            | b'<'
-            | b'>'
-            | b'='
-            | b'~'
-            | b'!'
-            | b'@'
-            | b'#'
-            | b'%'
-            | b'^'
-            | b'&'
-            | b'|'
-            | b'`'
-            | b'?'
-    )
+    CLASS[c as usize] & OP_CHAR != 0
 }
 
 /// The last `pgsplit:primary` / `pgsplit:replica` in a comment body.

@@ -42,6 +42,11 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Client connections accepted at once; more get FATAL 53300.
     pub max_client_connections: usize,
+    /// Worker threads, each a single-threaded runtime owning its sessions.
+    /// 0 (the default) means half the CPU cores, at least one: pgsplit runs
+    /// on the app node beside the app and the replica, and one worker
+    /// relays as fast as PgBouncer's single thread.
+    pub workers: usize,
     pub timeouts: Timeouts,
     pub routing: Routing,
     /// Users clients may log in as.
@@ -62,6 +67,7 @@ impl Default for Config {
             },
             max_message_bytes: pgsplit_protocol::DEFAULT_MAX_MESSAGE_BYTES,
             max_client_connections: 1000,
+            workers: 0,
             timeouts: Timeouts::default(),
             routing: Routing::default(),
             users: Vec::new(),
@@ -224,6 +230,15 @@ pub struct Overrides {
 }
 
 impl Config {
+    /// Worker threads to run with.
+    pub fn worker_threads(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+        }
+    }
+
     /// Loads `path` (if any), applies `overrides` and validates.
     ///
     /// # Errors

@@ -23,17 +23,16 @@ mod listener;
 mod session;
 pub mod stats;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pgsplit_router::{Classifier, ClassifierConfig};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
 pub use config::Config;
+pub use tokio_util::sync::CancellationToken;
 
 /// What every session shares: read-only config and process-wide services.
 pub struct Shared {
@@ -60,55 +59,115 @@ impl Shared {
     }
 }
 
-/// Binds the configured listen address.
-///
-/// # Errors
-/// The bind error (address in use, permission).
-pub async fn bind(config: &Config) -> std::io::Result<TcpListener> {
-    TcpListener::bind(config.listen).await
-}
-
-/// Serves clients on `listener` until `shutdown` completes, then stops
-/// accepting, lets sessions finish their transaction for the configured
-/// grace period, and closes the rest.
-///
-/// # Errors
-/// Only start-up failures; per-client errors end that client alone.
-pub async fn serve(
-    listener: TcpListener,
-    config: Arc<Config>,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    let shared = Arc::new(Shared::new(config.clone()));
-    serve_shared(listener, shared, shutdown).await
-}
-
-/// Like [`serve`], with a caller-held [`Shared`] (tests read its stats).
-///
-/// # Errors
-/// See [`serve`].
-pub async fn serve_shared(
-    listener: TcpListener,
+/// A bound proxy, ready to run.
+pub struct Server {
+    listener: std::net::TcpListener,
     shared: Arc<Shared>,
-    shutdown: impl Future<Output = ()>,
+}
+
+impl Server {
+    /// Binds the configured listen address (port 0 picks a free one).
+    ///
+    /// # Errors
+    /// The bind error (address in use, permission).
+    pub fn bind(config: Config) -> std::io::Result<Server> {
+        let listener = std::net::TcpListener::bind(config.listen)?;
+        listener.set_nonblocking(true)?;
+        Ok(Server {
+            listener,
+            shared: Arc::new(Shared::new(Arc::new(config))),
+        })
+    }
+
+    /// The address clients connect to.
+    ///
+    /// # Errors
+    /// Only if the socket is broken.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Configuration and counters shared by all sessions.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves clients on the calling thread plus one thread per extra
+    /// worker until `shutdown` is cancelled; then stops accepting, lets
+    /// sessions finish for the grace period and returns.
+    ///
+    /// Each worker is a single-threaded runtime that owns its sessions
+    /// outright: a session's client and backend sockets are polled by one
+    /// thread, with no cross-thread wake-ups on the relay path.
+    ///
+    /// # Errors
+    /// Runtime or socket set-up failures.
+    pub fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let n = self.shared.config.worker_threads();
+        let mut inboxes = Vec::with_capacity(n);
+        let mut senders = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            senders.push(tx);
+            inboxes.push(rx);
+        }
+        let first = inboxes.remove(0);
+        let mut threads = Vec::new();
+        for (i, inbox) in inboxes.into_iter().enumerate() {
+            let shared = self.shared.clone();
+            let token = shutdown.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("pgsplit-worker-{}", i + 1))
+                    .spawn(move || run_worker(inbox, shared, token, None))?,
+            );
+        }
+        let acceptor = Some((self.listener, senders));
+        let res = run_worker(first, self.shared, shutdown, acceptor);
+        for t in threads {
+            let _ = t.join();
+        }
+        res
+    }
+}
+
+type Acceptor = (
+    std::net::TcpListener,
+    Vec<tokio::sync::mpsc::UnboundedSender<listener::Accepted>>,
+);
+
+fn run_worker(
+    inbox: tokio::sync::mpsc::UnboundedReceiver<listener::Accepted>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    acceptor: Option<Acceptor>,
 ) -> std::io::Result<()> {
-    let addr: SocketAddr = listener.local_addr()?;
-    info!(%addr, primary = %shared.config.primary, replica = %shared.config.replica, "pgsplit listening");
-    let token = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let accept = listener::accept_loop(listener, shared.clone(), token.clone(), tracker.clone());
-    tokio::select! {
-        _ = accept => {}
-        _ = shutdown => {}
-    }
-    token.cancel();
-    tracker.close();
-    let grace = shared.config.timeouts.shutdown_grace;
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        info!(
-            remaining = tracker.len(),
-            "shutdown grace period over; closing sessions"
-        );
-    }
-    Ok(())
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let tracker = TaskTracker::new();
+        if let Some((l, senders)) = acceptor {
+            let listener = TcpListener::from_std(l)?;
+            let addr = listener.local_addr()?;
+            info!(%addr, primary = %shared.config.primary, replica = %shared.config.replica,
+                  workers = senders.len(), "pgsplit listening");
+            tokio::spawn(listener::accept_loop(
+                listener,
+                shared.clone(),
+                shutdown.clone(),
+                senders,
+            ));
+        }
+        listener::worker_loop(inbox, shared.clone(), shutdown.clone(), tracker.clone()).await;
+        tracker.close();
+        let grace = shared.config.timeouts.shutdown_grace;
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            info!(
+                remaining = tracker.len(),
+                "shutdown grace period over; closing sessions"
+            );
+        }
+        Ok(())
+    })
 }

@@ -13,7 +13,7 @@ use pgsplit_protocol::{encode, ProtoError};
 use pgsplit_router::Target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -23,12 +23,22 @@ use crate::error::Error;
 use crate::session::Session;
 use crate::Shared;
 
-/// Accepts clients until `shutdown` fires; each gets its own task.
+/// A client connection accepted and handed to a worker thread.
+pub(crate) struct Accepted {
+    pub stream: std::net::TcpStream,
+    pub peer: std::net::SocketAddr,
+    pub conn_id: u64,
+    /// `None` when the connection limit is reached (the client gets 53300).
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Accepts clients until `shutdown` fires and deals them round-robin to
+/// the workers, so every core carries the same number of sessions.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
-    tracker: TaskTracker,
+    workers: Vec<mpsc::UnboundedSender<Accepted>>,
 ) {
     let limit = Arc::new(Semaphore::new(shared.config.max_client_connections));
     let mut conn_id: u64 = 0;
@@ -53,15 +63,44 @@ pub(crate) async fn accept_loop(
         };
         conn_id += 1;
         let _ = stream.set_nodelay(true);
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
         let permit = limit.clone().try_acquire_owned().ok();
+        let worker = &workers[(conn_id as usize) % workers.len()];
+        let _ = worker.send(Accepted {
+            stream,
+            peer,
+            conn_id,
+            permit,
+        });
+    }
+}
+
+/// Runs the sessions dealt to one worker until shutdown.
+pub(crate) async fn worker_loop(
+    mut inbox: mpsc::UnboundedReceiver<Accepted>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let acc = tokio::select! {
+            a = inbox.recv() => match a { Some(a) => a, None => return },
+            _ = shutdown.cancelled() => return,
+        };
+        let Ok(stream) = TcpStream::from_std(acc.stream) else {
+            continue;
+        };
         let shared = shared.clone();
         let token = shutdown.clone();
-        let span = info_span!("client", conn_id, peer = %peer);
+        let span = info_span!("client", conn_id = acc.conn_id, peer = %acc.peer);
+        let permit = acc.permit;
         tracker.spawn(
             async move {
-                let _permit = permit.as_ref();
                 let full = permit.is_none();
                 handle(stream, shared, token, full).await;
+                drop(permit);
             }
             .instrument(span),
         );

@@ -61,11 +61,12 @@ impl<'a> Cursor<'a> {
     }
 
     /// The next token of the scope, or `None` once the scope has ended.
+    #[inline]
     pub(crate) fn next(&mut self) -> Option<Token<'a>> {
         if self.end != End::Open {
             return None;
         }
-        let before = self.lex.clone();
+        let before = self.lex.offset();
         let Some(tok) = self.lex.next() else {
             self.end = End::Eof;
             return None;
@@ -73,7 +74,7 @@ impl<'a> Cursor<'a> {
         match tok.kind {
             TokenKind::Semicolon if self.depth == 0 => {
                 if self.scope == Scope::Paren {
-                    self.lex = before;
+                    self.lex.rewind(before);
                     self.end = End::Broken;
                 } else {
                     self.end = End::Semicolon;

@@ -42,16 +42,37 @@ pub(crate) enum Mode {
     Create,
 }
 
-/// The last few tokens, most recent first.
+/// The last few tokens, most recent first, without their offsets.
 #[derive(Clone, Copy, Default)]
-struct History<'a>([Option<Token<'a>>; 3]);
+struct History<'a>([Option<Seen<'a>>; 3]);
 
-impl<'a> History<'a> {
-    fn push(&mut self, tok: Token<'a>) {
-        self.0 = [Some(tok), self.0[0], self.0[1]];
+/// What the look-behind needs of a token.
+#[derive(Clone, Copy)]
+struct Seen<'a> {
+    kind: TokenKind,
+    text: &'a [u8],
+}
+
+impl Seen<'_> {
+    fn is_keyword(&self, kw: &str) -> bool {
+        self.kind == TokenKind::Word && self.text.eq_ignore_ascii_case(kw.as_bytes())
     }
 
-    fn get(&self, back: usize) -> Option<&Token<'a>> {
+    fn is_name(&self) -> bool {
+        matches!(self.kind, TokenKind::Word | TokenKind::QuotedIdent)
+    }
+}
+
+impl<'a> History<'a> {
+    fn push(&mut self, tok: &Token<'a>) {
+        let seen = Seen {
+            kind: tok.kind,
+            text: tok.text,
+        };
+        self.0 = [Some(seen), self.0[0], self.0[1]];
+    }
+
+    fn get(&self, back: usize) -> Option<&Seen<'a>> {
         self.0.get(back).and_then(Option::as_ref)
     }
 
@@ -100,7 +121,7 @@ fn keyword(tok: &Token<'_>) -> Keyword {
 }
 
 /// `pg_temp` or `pg_temp_N`, the schema of the session's temporary objects.
-fn is_temp_schema(tok: &Token<'_>) -> bool {
+fn is_temp_schema(tok: &Seen<'_>) -> bool {
     tok.is_name()
         && tok.text.len() >= 7
         && tok.text[..7].eq_ignore_ascii_case(b"pg_temp")
@@ -130,7 +151,7 @@ pub(crate) fn scan<'a>(
     // token), to spot `INTO TEMP` and `INTO [TABLE] pg_temp.x`.
     let mut since_into: Option<u8> = None;
     let mut hist = History::default();
-    hist.push(first);
+    hist.push(&first);
 
     while let Some(tok) = cur.next() {
         if pending {
@@ -196,7 +217,7 @@ pub(crate) fn scan<'a>(
             _ => {}
         }
         since_into = since_into.and_then(|n| n.checked_add(1)).filter(|&n| n < 4);
-        hist.push(tok);
+        hist.push(&tok);
     }
     ambiguous |= pending;
     if ambiguous && kind.rank() < StmtKind::Write.rank() {
@@ -210,7 +231,9 @@ pub(crate) fn scan<'a>(
 /// name a listed function.
 fn call(hist: &History<'_>, fns: &WriteFunctions<'_>) -> Option<Effect> {
     let name = hist.get(0).filter(|t| t.is_name())?;
-    if name.kind == TokenKind::Word && never_a_function(name.text) {
+    // Built-in names are never keywords; only broad configured patterns can
+    // mistake one for a function.
+    if fns.has_extra() && name.kind == TokenKind::Word && never_a_function(name.text) {
         return None;
     }
     let schema = match (hist.get(1), hist.get(2)) {
@@ -258,12 +281,20 @@ fn never_a_function(word: &[u8]) -> bool {
         .any(|kw| word.eq_ignore_ascii_case(kw.as_bytes()))
 }
 
+/// How far ahead [`third_arg_is_true`] reads. Real calls are a handful of
+/// tokens; the bound keeps nested `set_config(` calls from costing quadratic
+/// time, and giving up only means "not known to be local" (a pin).
+const SET_CONFIG_LOOKAHEAD: usize = 64;
+
 /// For `set_config(` just read: is the third argument the bare word `true`?
 fn third_arg_is_true(cur: &Cursor<'_>) -> bool {
     let mut ahead = cur.clone();
     let depth = ahead.depth();
     let mut commas = 0;
-    while let Some(tok) = ahead.next() {
+    for _ in 0..SET_CONFIG_LOOKAHEAD {
+        let Some(tok) = ahead.next() else {
+            return false;
+        };
         if ahead.depth() < depth {
             return false;
         }

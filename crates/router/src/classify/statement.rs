@@ -3,9 +3,9 @@
 //! The first keyword names the statement's family. Most families need
 //! nothing more (`ALTER` is a write, `SHOW` a read); the rest hand the
 //! remaining tokens to the rule that owns them: queries and DML to
-//! [`query`](super::query), transaction control to
-//! [`transaction`](super::transaction), statements carrying another
-//! statement to [`nested`](super::nested), plus the few small ones below
+//! [`query`], transaction control to
+//! [`transaction`], statements carrying another
+//! statement to [`nested`], plus the few small ones below
 //! (`CREATE`, `SET`, `PREPARE`).
 //!
 //! An unfamiliar leading keyword (new syntax, a typo, garbage) is never
