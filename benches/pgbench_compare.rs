@@ -6,7 +6,9 @@
 //! ```
 //!
 //! Reads (`-S`) are compared with the replica, which is where pgsplit sends
-//! them; TPC-B with the primary. pgsplit reaches the primary directly here
+//! them; TPC-B with the primary. pgsplit and PgBouncer reach the local
+//! replica through its unix socket, as a node-local deployment would
+//! (`PGSPLIT_BENCH_TCP=1` makes them use TCP); pgbench always uses TCP. pgsplit reaches the primary directly here
 //! (no fault tunnel) so the figure is the proxy's own cost. PgBouncer (in
 //! session mode, the mode that supports every `-M`) is skipped with a note
 //! when it is not installed. Prints a table of TPS, latency and ratios.
@@ -160,7 +162,7 @@ impl Drop for TempDir {
 
 fn start_pgbouncer(
     primary: SocketAddr,
-    replica: SocketAddr,
+    replica: (String, u16),
     user: &str,
     password: &str,
 ) -> Option<Bouncer> {
@@ -176,8 +178,8 @@ fn start_pgbouncer(
          [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
          auth_type = scram-sha-256\nauth_file = {}/users.txt\npool_mode = session\n\
          max_client_conn = 200\ndefault_pool_size = 20\nlogfile = {}/pgbouncer.log\n",
-        replica.ip(),
-        replica.port(),
+        replica.0,
+        replica.1,
         primary.ip(),
         primary.port(),
         dir.0.display(),
@@ -259,6 +261,7 @@ fn main() {
         .unwrap_or_default();
     let stack = Stack::start(StackOptions {
         primary_through_tunnel: false,
+        replica_via_unix_socket: std::env::var("PGSPLIT_BENCH_TCP").is_err(),
         set,
         lab: pgsplit_lab::LabOptions {
             extra_conf: vec![("max_connections".into(), "200".into())],
@@ -283,7 +286,21 @@ fn main() {
     assert!(st.success(), "pgbench -i failed");
     c.wait_replica_caught_up(Duration::from_secs(120))
         .expect("replica catches up");
-    let bouncer = start_pgbouncer(c.primary_addr(), c.replica_addr(), &user, &pw);
+    // PgBouncer reaches the replica the same way pgsplit does.
+    let replica_host = if stack.options().replica_via_unix_socket {
+        c.server(pgsplit_lab::Which::Replica)
+            .socket_dir()
+            .display()
+            .to_string()
+    } else {
+        c.replica_addr().ip().to_string()
+    };
+    let bouncer = start_pgbouncer(
+        c.primary_addr(),
+        (replica_host, c.replica_addr().port()),
+        &user,
+        &pw,
+    );
     if bouncer.is_none() {
         eprintln!(
             "note: pgbouncer not installed (apt-get install pgbouncer); its column is skipped"

@@ -35,8 +35,6 @@ pub(crate) fn base_settings(opts: &LabOptions) -> Vec<(String, String)> {
     };
     [
         ("listen_addresses", "127.0.0.1"),
-        // No unix sockets: two labs can then never collide on a socket path.
-        ("unix_socket_directories", ""),
         ("max_connections", "100"),
         ("shared_buffers", "32MB"),
         ("password_encryption", password_encryption),
@@ -79,12 +77,23 @@ pub(crate) fn replica_settings(opts: &LabOptions, port: u16) -> Vec<(String, Str
     ]
 }
 
-/// Renders `key = 'value'` lines, ending with the port this start uses.
-pub(crate) fn render(settings: &[(String, String)], port: u16) -> String {
+/// Renders `key = 'value'` lines, ending with the port this start uses and
+/// the directory of its unix socket (the lab's own directory, so labs never
+/// collide and the path stays short).
+pub(crate) fn render(
+    settings: &[(String, String)],
+    port: u16,
+    socket_dir: &std::path::Path,
+) -> String {
     let mut out = String::from("# Written by pgsplit-lab on every start; edits are lost.\n");
     for (key, value) in settings {
         let _ = writeln!(out, "{key} = {}", quote::conf_value(value));
     }
+    let _ = writeln!(
+        out,
+        "unix_socket_directories = {}",
+        quote::conf_value(&socket_dir.display().to_string())
+    );
     let _ = writeln!(out, "port = {port}");
     out
 }
@@ -110,7 +119,11 @@ mod tests {
             password: "p'w".to_owned(),
             ..LabOptions::default()
         };
-        let text = render(&replica_settings(&opts, 5999), 6000);
+        let text = render(
+            &replica_settings(&opts, 5999),
+            6000,
+            std::path::Path::new("/tmp/lab"),
+        );
         assert!(
             text.contains(
                 "primary_conninfo = 'host=127.0.0.1 port=5999 user=''postgres'' \
@@ -118,7 +131,10 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.ends_with("port = 6000\n"), "{text}");
+        assert!(
+            text.ends_with("unix_socket_directories = '/tmp/lab'\nport = 6000\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -106,6 +106,13 @@ impl PgServer {
         &self.data_dir
     }
 
+    /// Directory of the server's unix socket (`.s.PGSQL.<port>`): the lab
+    /// directory, shared by both servers of a lab, which listen on
+    /// different ports.
+    pub fn socket_dir(&self) -> &Path {
+        self.data_dir.parent().unwrap_or(&self.data_dir)
+    }
+
     /// Where the server's stdout and stderr go.
     pub fn log_path(&self) -> &Path {
         &self.log_path
@@ -171,7 +178,7 @@ impl PgServer {
         }
         self.account.write_private_file(
             &self.data_dir.join(conf::LAB_CONF),
-            &conf::render(&self.settings, self.port),
+            &conf::render(&self.settings, self.port, self.socket_dir()),
         )?;
         let log = open_log(&self.log_path)?;
         let log_err = log

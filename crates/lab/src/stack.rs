@@ -24,6 +24,9 @@ pub struct StackOptions {
     /// SSH tunnel in production). Benchmarks turn it off to measure the
     /// proxy alone.
     pub primary_through_tunnel: bool,
+    /// pgsplit reaches the replica (a local server) through its unix socket
+    /// rather than TCP.
+    pub replica_via_unix_socket: bool,
 }
 
 impl Default for StackOptions {
@@ -34,6 +37,7 @@ impl Default for StackOptions {
             set: Vec::new(),
             toml: String::new(),
             primary_through_tunnel: true,
+            replica_via_unix_socket: false,
         }
     }
 }
@@ -82,7 +86,7 @@ impl Stack {
         } else {
             self.cluster.primary_addr()
         };
-        let overrides = Overrides {
+        let mut overrides = Overrides {
             listen: Some(self.opts.listen),
             primary_url: Some(format!(
                 "postgres://{}:{}@{}/{}",
@@ -97,6 +101,10 @@ impl Stack {
             )),
             set,
         };
+        if self.opts.replica_via_unix_socket {
+            let dir = self.cluster.server(crate::Which::Replica).socket_dir();
+            set_socket(&mut overrides.set, dir, self.cluster.replica_addr().port());
+        }
         Config::from_toml(&self.opts.toml, &overrides).map_err(|e| LabError::Config(e.to_string()))
     }
 
@@ -165,6 +173,12 @@ impl Stack {
     pub fn options(&self) -> &StackOptions {
         &self.opts
     }
+}
+
+/// Points the replica at a unix socket directory (the URL form cannot).
+fn set_socket(set: &mut Vec<String>, dir: &std::path::Path, port: u16) {
+    set.push(format!("replica.host=\"{}\"", dir.display()));
+    set.push(format!("replica.port={port}"));
 }
 
 /// `pgsplit lab`: starts a stack on `listen`, prints how to use it, and

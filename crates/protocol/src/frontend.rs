@@ -21,8 +21,11 @@ pub struct Parse<'a> {
 }
 
 impl<'a> Parse<'a> {
+    /// Reads a Parse body (the message is named Parse, hence the name).
+    ///
     /// # Errors
     /// `Malformed`/`Utf8` when the body is not a Parse message.
+    #[allow(clippy::self_named_constructors)]
     pub fn parse(body: &'a [u8]) -> Result<Self, ProtoError> {
         let mut c = Cursor::new(body, "Parse");
         let name = c.cstr()?;

@@ -11,15 +11,20 @@
 //! A parse costs microseconds to milliseconds, so results are kept in a
 //! bounded cache keyed by the statement text.
 //!
-//! The parser is handed client input, so it runs inside two bounds. It gets
-//! a stack of its own (64 MiB, committed only as it is used):
-//! `sqlparser` limits most of its recursion, but not all of it — a chain of
+//! The parser is handed client input, so it runs inside two bounds.
+//! `sqlparser` limits most of its recursion, but not all of it: a chain of
 //! `JOIN`s without `ON` nests one call per join, and a few hundred of them
-//! overflow a 2 MiB thread stack, which would abort the whole proxy. And
-//! statements longer than [`MAX_PARSE_BYTES`] are not parsed at all but are
-//! `Unknown`, which keeps the worst-case recursion within that stack and the
-//! cache's memory within capacity × that length. Statements that long are
-//! almost always decided by the lexical stage anyway. The cache has two generations: new
+//! overflow a 2 MiB thread stack, which would abort the whole proxy; nested
+//! statements (`EXPLAIN`, `PREPARE`, `CREATE RULE`, statement blocks) are
+//! counted but take a lot of stack per level. So the statement's keywords
+//! are counted first, and when the caller's remaining stack may not cover
+//! that much nesting the parse runs on a stack of its own (64 MiB, committed
+//! only as it is used). Switching costs tens of microseconds, so ordinary
+//! statements parse in place. And statements longer than [`MAX_PARSE_BYTES`]
+//! are not parsed at all but are `Unknown`, which keeps the worst case within
+//! that stack and the cache's memory within capacity × that length.
+//! Statements that long are almost always decided by the lexical stage
+//! anyway. The cache has two generations: new
 //! entries go into the young map; when it is full the old map is dropped and
 //! the young one takes its place, and a hit in the old map moves the entry
 //! back. That keeps recently used statements for the price of two hash maps,
@@ -42,18 +47,43 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use crate::functions::{Effect, WriteFunctions};
+use crate::lexer::Lexer;
 use crate::StmtKind;
 
 /// Longest statement text the parser is given; longer undecided statements
 /// are `Unknown`.
 pub const MAX_PARSE_BYTES: usize = 4 * 1024;
 
-/// Size of the stack the parser and the AST walk run on. Sized for the
-/// deepest recursion [`MAX_PARSE_BYTES`] of text can cause: `t JOIN ` is 7
-/// bytes, so about 580 nested joins, at roughly 60 KiB of stack each in an
-/// unoptimised build (8 KiB optimised). It is reserved, not committed, so
-/// untouched pages cost nothing.
+/// Size of the stack the parser and the AST walk run on when the caller's
+/// may be too small. Sized for the deepest recursion [`MAX_PARSE_BYTES`] of
+/// text can cause: `t JOIN ` is 7 bytes, so about 580 nested joins, at
+/// roughly 60 KiB of stack each in an unoptimised build (8 KiB optimised).
+/// It is reserved, not committed, so untouched pages cost nothing.
 const PARSE_STACK_BYTES: usize = 64 * 1024 * 1024;
+
+/// Stack a parse needs besides its nesting: the parser's bounded recursion
+/// (50 levels, most of which grow their own stack when short), the AST walk
+/// and the AST's drop.
+const STACK_BASE: usize = 1024 * 1024;
+
+/// Stack one level of unguarded nesting can take, measured for a nested join
+/// in an unoptimised build with room to spare.
+const STACK_PER_NESTING: usize = 64 * 1024;
+
+/// Keywords that may nest the parser without its own stack guard: joins
+/// (which nest when they have no `ON`) and everything that parses a
+/// statement inside a statement.
+const NESTING_KEYWORDS: &[&str] = &[
+    "join", "explain", "prepare", "rule", "begin", "if", "case", "while", "loop", "repeat",
+];
+
+/// Stack to have left before parsing `sql` in place.
+fn stack_needed(sql: &str) -> usize {
+    let nesting = Lexer::new(sql)
+        .filter(|t| NESTING_KEYWORDS.iter().any(|kw| t.is_keyword(kw)))
+        .count();
+    STACK_BASE.saturating_add(nesting.saturating_mul(STACK_PER_NESTING))
+}
 
 /// Parser results for statements the lexical stage left open.
 #[derive(Debug)]
@@ -145,17 +175,19 @@ pub fn parse_kind(sql: &str, fns: &WriteFunctions<'_>) -> StmtKind {
     if sql.len() > MAX_PARSE_BYTES {
         return StmtKind::Unknown;
     }
-    // Parse, walk and drop the tree all on the dedicated stack: each of the
-    // three recurses as deeply as the tree is nested.
-    stacker::grow(PARSE_STACK_BYTES, || {
-        match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+    // Parse, walk and drop the tree all on the same stack: each of the three
+    // recurses as deeply as the tree is nested.
+    stacker::maybe_grow(
+        stack_needed(sql),
+        PARSE_STACK_BYTES,
+        || match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
             Ok(statements) if !statements.is_empty() => statements
                 .iter()
                 .fold(StmtKind::Empty, |kind, s| kind.combine(statement(s, fns))),
             Ok(_) => StmtKind::Empty,
             Err(_) => StmtKind::Unknown,
-        }
-    })
+        },
+    )
 }
 
 /// The kind of one parsed statement.
@@ -475,6 +507,17 @@ mod tests {
     }
 
     #[test]
+    fn nesting_keywords_raise_the_stack_estimate() {
+        assert_eq!(stack_needed("SELECT update FROM t"), STACK_BASE);
+        assert_eq!(
+            stack_needed("SELECT 1 FROM a JOIN b JOIN c ON true ON true"),
+            STACK_BASE + 2 * STACK_PER_NESTING
+        );
+        // Words in strings and comments do not count.
+        assert_eq!(stack_needed("SELECT 'join' /* explain */"), STACK_BASE);
+    }
+
+    #[test]
     fn function_calls_anywhere() {
         assert_eq!(kind("SELECT update, nextval('s') FROM t"), Write);
         assert_eq!(
@@ -534,6 +577,11 @@ mod tests {
         };
         let cases = [
             fill("SELECT update FROM ", "t JOIN ", "t"),
+            fill("SELECT update FROM ", "t JOIN\"t\"", ""),
+            fill("SELECT update FROM t WHERE ", "(", "1"),
+            fill("SELECT update FROM ", "(", "t"),
+            fill("", "IF 1 THEN ", ""),
+            fill("", "BEGIN ", ""),
             fill("SELECT update FROM t", " JOIN t", ""),
             fill("", "EXPLAIN ANALYZE ", "SELECT 1"),
             fill("", "PREPARE a AS ", "SELECT 1"),

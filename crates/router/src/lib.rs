@@ -20,8 +20,8 @@
 //! - [`deep`] is the second stage: statements the lexical rules cannot decide
 //!   with certainty (an unfamiliar leading keyword, `update` used as a column
 //!   name, …) are parsed with `sqlparser` and the AST is walked. Its answers are
-//!   kept in a bounded cache because parsing costs about fifty times the
-//!   lexical path.
+//!   kept in a bounded cache because a parse costs some thirty times the
+//!   lexical path (about 4 µs against 140 ns for a typical statement).
 //! - [`functions`] knows which function calls write or create session state
 //!   (`nextval`, advisory locks, …), plus the operator's own glob patterns.
 //!   Both stages consult it.

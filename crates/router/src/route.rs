@@ -113,10 +113,10 @@ pub fn route(class: &Class, s: &SessionState) -> Decision {
     }
     match class.hint {
         Some(Target::Primary) => return d(Choice::Primary, Reason::Hint),
+        // Pins returned above, so only reads and the unclassifiable (which
+        // the hint vouches for) can follow a replica hint.
         Some(Target::Replica) if !class.kind.needs_primary() || class.kind == StmtKind::Unknown => {
-            if class.kind != StmtKind::Pin {
-                return d(Choice::Replica, Reason::Hint);
-            }
+            return d(Choice::Replica, Reason::Hint);
         }
         _ => {}
     }

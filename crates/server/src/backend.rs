@@ -5,7 +5,6 @@
 //! After login the connection is a byte pipe: the session writes client
 //! frames into it and scans what comes back (see `session::relay`).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -14,7 +13,8 @@ use pgsplit_protocol::{encode, frame, tag, ProtoError};
 use pgsplit_router::Target;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use crate::stream::{Endpoint, Stream};
 
 /// Backend messages during login are small; anything bigger is a broken peer.
 const MAX_LOGIN_MESSAGE_BYTES: usize = 1 << 20;
@@ -22,8 +22,12 @@ const MAX_LOGIN_MESSAGE_BYTES: usize = 1 << 20;
 /// Why a backend connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("cannot resolve {addr}")]
-    Resolve { addr: String },
+    #[error("cannot resolve {addr}: {source}")]
+    Resolve {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("connect to {addr}: {source}")]
     Connect {
         addr: String,
@@ -66,11 +70,11 @@ pub struct Login<'a> {
 
 /// An authenticated connection to one server.
 pub struct BackendConn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read from the server and not yet relayed.
     pub rbuf: BytesMut,
     pub target: Target,
-    pub addr: SocketAddr,
+    pub endpoint: Endpoint,
     /// The server's cancel key.
     pub pid: i32,
     pub secret: i32,
@@ -82,20 +86,10 @@ impl std::fmt::Debug for BackendConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BackendConn")
             .field("target", &self.target)
-            .field("addr", &self.addr)
+            .field("endpoint", &self.endpoint)
             .field("pid", &self.pid)
             .finish_non_exhaustive()
     }
-}
-
-/// Resolves `host:port`, preferring the first address.
-pub async fn resolve(host: &str, port: u16) -> Result<SocketAddr, BackendError> {
-    let addr = format!("{host}:{port}");
-    tokio::net::lookup_host(&addr)
-        .await
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or(BackendError::Resolve { addr })
 }
 
 impl BackendConn {
@@ -121,19 +115,25 @@ impl BackendConn {
         port: u16,
         login: &Login<'_>,
     ) -> Result<BackendConn, BackendError> {
-        let addr = resolve(host, port).await?;
-        let stream = TcpStream::connect(addr)
+        let endpoint =
+            Endpoint::resolve(host, port)
+                .await
+                .map_err(|source| BackendError::Resolve {
+                    addr: format!("{host}:{port}"),
+                    source,
+                })?;
+        let stream = endpoint
+            .connect()
             .await
             .map_err(|source| BackendError::Connect {
-                addr: addr.to_string(),
+                addr: endpoint.to_string(),
                 source,
             })?;
-        stream.set_nodelay(true)?;
         let mut conn = BackendConn {
             stream,
             rbuf: BytesMut::with_capacity(16 * 1024),
             target,
-            addr,
+            endpoint,
             pid: 0,
             secret: 0,
             params: Vec::new(),
@@ -339,13 +339,13 @@ impl BackendConn {
 /// # Errors
 /// Connect or write failures.
 pub async fn send_cancel(
-    addr: SocketAddr,
+    endpoint: &Endpoint,
     pid: i32,
     secret: i32,
     timeout: Duration,
 ) -> std::io::Result<()> {
     let fut = async {
-        let mut s = TcpStream::connect(addr).await?;
+        let mut s = endpoint.connect().await?;
         let mut w = BytesMut::new();
         encode::cancel_request(&mut w, pid, secret);
         s.write_all(&w).await?;

@@ -3,15 +3,16 @@
 //! now, so a CancelRequest reaches exactly that statement and nothing else.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
 
+use crate::stream::Endpoint;
+
 /// The backend statement a cancel should reach.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Running {
-    pub addr: SocketAddr,
+    pub endpoint: Endpoint,
     pub pid: i32,
     pub secret: i32,
 }
@@ -62,7 +63,7 @@ impl CancelRegistry {
         if *s != secret {
             return None;
         }
-        let running = *slot.lock().expect("cancel slot poisoned");
+        let running = slot.lock().expect("cancel slot poisoned").clone();
         running
     }
 
@@ -104,11 +105,11 @@ mod tests {
         let h = reg.register();
         assert_eq!(reg.lookup(h.pid, h.secret), None, "idle session");
         let r = Running {
-            addr: "127.0.0.1:1".parse().unwrap(),
+            endpoint: Endpoint::Tcp("127.0.0.1:1".parse().unwrap()),
             pid: 5,
             secret: 6,
         };
-        h.set(Some(r));
+        h.set(Some(r.clone()));
         assert_eq!(reg.lookup(h.pid, h.secret), Some(r));
         assert_eq!(reg.lookup(h.pid, h.secret.wrapping_add(1)), None);
         let pid = h.pid;

@@ -10,6 +10,7 @@
 //! - [`cancel`]: the client cancel keys and where each points now.
 //! - [`error`]: the proxy's errors and their SQLSTATEs, in one place.
 //! - [`stats`]: counters of routing decisions.
+//! - [`stream`]: backend sockets, TCP or unix-domain.
 //!
 //! A client connection flows listener → auth → session; the session asks
 //! `pgsplit_router` where each statement goes and relays bytes unchanged.
@@ -22,6 +23,7 @@ pub mod error;
 mod listener;
 mod session;
 pub mod stats;
+pub mod stream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

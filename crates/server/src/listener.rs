@@ -96,27 +96,32 @@ pub(crate) async fn worker_loop(
         let token = shutdown.clone();
         let span = info_span!("client", conn_id = acc.conn_id, peer = %acc.peer);
         let permit = acc.permit;
-        tracker.spawn(
-            async move {
-                let full = permit.is_none();
-                handle(stream, shared, token, full).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        tracker.spawn(async move {
+            let full = permit.is_none();
+            handle(stream, shared, token, full, span).await;
+            drop(permit);
+        });
     }
 }
 
+/// One client connection: the handshake inside the connection's span,
+/// then the session. The session's relay loop runs outside the span (a
+/// span entered on every poll costs more than the relay itself); its
+/// events are rare and carry the connection's id.
 async fn handle(
     mut stream: TcpStream,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     full: bool,
+    span: tracing::Span,
 ) {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let auth_timeout = shared.config.timeouts.client_auth_timeout;
-    let started =
-        tokio::time::timeout(auth_timeout, startup(&mut stream, &mut buf, &shared, full)).await;
+    let started = tokio::time::timeout(
+        auth_timeout,
+        startup(&mut stream, &mut buf, &shared, full).instrument(span.clone()),
+    )
+    .await;
     let ready = match started {
         Ok(Ok(Some(s))) => s,
         Ok(Ok(None)) => return, // a cancel request, or SSL refused and client left
@@ -163,7 +168,7 @@ async fn handle(
         return;
     }
     let database = startup.database().unwrap_or_default().to_owned();
-    info!(user = %user.name, db = %database, "session started");
+    span.in_scope(|| info!(user = %user.name, db = %database, "session started"));
     let session = Session::new(
         shared,
         stream,
@@ -175,9 +180,11 @@ async fn handle(
         cancel,
         shutdown,
     );
-    if let Err(e) = session.run().await {
-        debug!(cause = %e, "session ended");
-    }
+    let res = session.run().await;
+    span.in_scope(|| match res {
+        Ok(()) => debug!("session ended"),
+        Err(e) => debug!(cause = %e, "session ended"),
+    });
 }
 
 type Ready = (Startup, crate::config::User, BackendConn);
@@ -310,7 +317,7 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
         return;
     };
     let timeout = shared.config.timeouts.connect_timeout;
-    if let Err(e) = send_cancel(running.addr, running.pid, running.secret, timeout).await {
+    if let Err(e) = send_cancel(&running.endpoint, running.pid, running.secret, timeout).await {
         warn!(cause = %e, "forwarding a cancel request failed");
     }
 }

@@ -9,6 +9,7 @@
 //! prepared statements, session settings) lives here; the rules live in
 //! the router.
 
+mod batch;
 mod relay;
 pub mod statements;
 
@@ -33,6 +34,7 @@ use crate::cancel::{CancelHandle, Running};
 use crate::config::User;
 use crate::error::Error;
 use crate::Shared;
+use batch::{Batch, Meta};
 use statements::{idx, Statements};
 
 /// A message or query sent whose ReadyForQuery has not come back.
@@ -94,7 +96,7 @@ impl Backend {
 
     fn running(&self) -> Running {
         Running {
-            addr: self.conn.addr,
+            endpoint: self.conn.endpoint.clone(),
             pid: self.conn.pid,
             secret: self.conn.secret,
         }
@@ -106,44 +108,6 @@ impl Backend {
 struct CopyIn {
     target: Target,
     extended: bool,
-}
-
-/// Extended-protocol messages held until Sync/Flush.
-#[derive(Default)]
-struct Batch {
-    frames: Vec<Frame>,
-    bytes: usize,
-    /// Combined class of the statements it parses or binds.
-    class: Option<Class>,
-    /// (frame index, class) of each Parse in the batch.
-    parses: Vec<(usize, Class)>,
-}
-
-impl Batch {
-    fn clear(&mut self) {
-        self.frames.clear();
-        self.parses.clear();
-        self.bytes = 0;
-        self.class = None;
-    }
-
-    /// Class of statement `name` if this batch parses it (the last Parse
-    /// of that name before now).
-    fn local_class(&self, name: &str) -> Option<Class> {
-        self.parses.iter().rev().find_map(|(i, c)| {
-            Parse::parse(self.frames[*i].body())
-                .ok()
-                .filter(|p| p.name == name)
-                .map(|_| *c)
-        })
-    }
-
-    fn add_class(&mut self, c: Class) {
-        self.class = Some(match self.class {
-            None => c,
-            Some(prev) => route::combine(&prev, &c),
-        });
-    }
 }
 
 /// The empty class: a batch of nothing but Sync/Describe portal/Close.
@@ -183,6 +147,8 @@ pub(crate) struct Session {
     skip_until_sync: bool,
     copy_in: Option<CopyIn>,
     batch: Batch,
+    /// Reused list of frames to write to a backend.
+    outgoing: Vec<Bytes>,
     stmts: Statements,
     /// Session-level SET/RESET statements, in order, replayed on every
     /// backend connection the session uses.
@@ -229,6 +195,7 @@ impl Session {
             skip_until_sync: false,
             copy_in: None,
             batch: Batch::default(),
+            outgoing: Vec::new(),
             stmts: Statements::default(),
             settings_log: Vec::new(),
             seq: 0,
@@ -339,7 +306,7 @@ impl Session {
         }
         match f.tag() {
             t::QUERY => {
-                if !self.batch.frames.is_empty() {
+                if !self.batch.is_empty() {
                     self.dispatch_batch(false).await?;
                 }
                 self.on_query(f).await?;
@@ -364,8 +331,8 @@ impl Session {
                     kind: StmtKind::Write,
                     ..EMPTY
                 };
-                self.batch_push(f)?;
                 self.batch.add_class(class);
+                self.batch_push(f)?;
                 self.dispatch_batch(true).await?;
             }
             t::TERMINATE => return Ok(Flow::Exit),
@@ -383,37 +350,56 @@ impl Session {
 
     fn batch_push(&mut self, f: Frame) -> Result<(), Error> {
         use tag::frontend as t;
-        match f.tag() {
+        let meta = match f.tag() {
             t::PARSE => {
                 let p = Parse::parse(f.body())?;
                 let class = self.shared.classifier.classify(p.sql);
                 self.shared.stats.count_class(&class);
-                self.batch.parses.push((self.batch.frames.len(), class));
                 self.batch.add_class(class);
+                let name_end = p.name.len();
+                Meta::Parse {
+                    name_end,
+                    sql: (name_end + 1, name_end + 1 + p.sql.len()),
+                    class,
+                }
             }
             t::BIND => {
                 let b = Bind::parse(f.body())?;
                 if let Some(c) = self.statement_class(b.statement) {
                     self.batch.add_class(c);
                 }
+                let start = b.portal.len() + 1;
+                Meta::Uses {
+                    start,
+                    end: start + b.statement.len(),
+                }
             }
-            t::DESCRIBE => {
-                if let Object::Statement(name) = frontend::object(f.body(), "Describe")? {
+            t::DESCRIBE => match frontend::object(f.body(), "Describe")? {
+                Object::Statement(name) => {
                     if let Some(c) = self.statement_class(name) {
                         self.batch.add_class(c);
                     }
+                    Meta::Uses {
+                        start: 1,
+                        end: 1 + name.len(),
+                    }
                 }
-            }
-            t::CLOSE => {
-                frontend::object(f.body(), "Close")?;
-            }
+                Object::Portal(_) => Meta::Other,
+            },
+            t::CLOSE => match frontend::object(f.body(), "Close")? {
+                Object::Statement(name) => Meta::CloseStatement {
+                    start: 1,
+                    end: 1 + name.len(),
+                },
+                Object::Portal(_) => Meta::ClosePortal,
+            },
             t::EXECUTE => {
                 frontend::execute(f.body())?;
+                Meta::Other
             }
-            _ => {}
-        }
-        self.batch.bytes += f.len();
-        self.batch.frames.push(f);
+            _ => Meta::Other,
+        };
+        self.batch.push(f, meta);
         Ok(())
     }
 
@@ -505,6 +491,8 @@ impl Session {
             let frames = std::mem::take(&mut self.batch.frames);
             self.batch.clear();
             self.answer_failed_block(class.kind, Some(&frames));
+            self.batch.frames = frames;
+            self.batch.frames.clear();
             if !synced {
                 self.skip_until_sync = true;
             }
@@ -526,73 +514,66 @@ impl Session {
         };
         self.seq += 1;
         let seq = self.seq;
-        let mut frames = std::mem::take(&mut self.batch.frames);
-        let parses = std::mem::take(&mut self.batch.parses);
-        self.batch.clear();
-        let mut outgoing: Vec<Bytes> = Vec::with_capacity(frames.len() + 1);
-        let mut sets = Vec::new();
-        let mut parse_iter = parses.iter().peekable();
+        let mut outgoing = std::mem::take(&mut self.outgoing);
         {
             let b = self.backends[idx(target)].as_mut().expect("ensured");
-            let mut defined_here: Vec<&str> = Vec::new();
-            for (i, f) in frames.iter().enumerate() {
-                match f.tag() {
-                    tag::frontend::PARSE => {
-                        let p = Parse::parse(f.body())?;
-                        let class = match parse_iter.peek() {
-                            Some((j, c)) if *j == i => {
-                                parse_iter.next();
-                                *c
-                            }
-                            _ => EMPTY,
-                        };
+            for (i, (f, m)) in self.batch.frames.iter().zip(&self.batch.meta).enumerate() {
+                match *m {
+                    Meta::Parse {
+                        name_end,
+                        sql,
+                        class,
+                    } => {
                         if class.kind == StmtKind::Session {
-                            sets.push(p.sql.to_owned());
+                            b.sets_in_flight
+                                .push(batch::text(f, sql.0, sql.1).to_owned());
                         }
                         b.expect.push_back((
                             seq,
                             Expect::ClientParse {
-                                name: p.name.to_owned(),
+                                name: batch::text(f, 0, name_end).to_owned(),
                                 raw: f.raw().clone(),
                                 class,
                             },
                         ));
-                        defined_here.push(p.name);
                     }
-                    tag::frontend::BIND | tag::frontend::DESCRIBE => {
-                        let name = if f.tag() == tag::frontend::BIND {
-                            Some(Bind::parse(f.body())?.statement)
-                        } else {
-                            match frontend::object(f.body(), "Describe")? {
-                                Object::Statement(n) => Some(n),
-                                Object::Portal(_) => None,
-                            }
-                        };
-                        if let Some(name) = name {
-                            if !defined_here.contains(&name) {
-                                if let Some(s) = self.stmts.get(name) {
-                                    if !s.on[idx(target)] {
-                                        outgoing.push(s.parse.clone());
-                                        b.expect.push_back((
-                                            seq,
-                                            Expect::InjectedParse {
-                                                name: name.to_owned(),
-                                            },
-                                        ));
+                    Meta::Uses { start, end } => {
+                        // A statement this batch does not parse itself, that
+                        // exists for the client but not on this backend: send
+                        // the client's own Parse first (its reply is swallowed).
+                        let name = batch::text(f, start, end);
+                        let missing = self.stmts.get(name).filter(|s| !s.on[idx(target)]);
+                        if let Some(s) = missing {
+                            let handled_here = self.batch.frames[..i]
+                                .iter()
+                                .zip(&self.batch.meta[..i])
+                                .any(|(g, m)| match *m {
+                                    Meta::Parse { name_end, .. } => {
+                                        batch::text(g, 0, name_end) == name
                                     }
-                                }
-                                defined_here.push(name);
+                                    Meta::Uses { start, end } => batch::text(g, start, end) == name,
+                                    _ => false,
+                                });
+                            if !handled_here {
+                                outgoing.push(s.parse.clone());
+                                b.expect.push_back((
+                                    seq,
+                                    Expect::InjectedParse {
+                                        name: name.to_owned(),
+                                    },
+                                ));
                             }
                         }
                     }
-                    tag::frontend::CLOSE => {
-                        let statement = match frontend::object(f.body(), "Close")? {
-                            Object::Statement(n) => Some(n.to_owned()),
-                            Object::Portal(_) => None,
-                        };
+                    Meta::CloseStatement { start, end } => {
+                        let statement = Some(batch::text(f, start, end).to_owned());
                         b.expect.push_back((seq, Expect::ClientClose { statement }));
                     }
-                    _ => {}
+                    Meta::ClosePortal => {
+                        b.expect
+                            .push_back((seq, Expect::ClientClose { statement: None }));
+                    }
+                    Meta::Other => {}
                 }
                 outgoing.push(f.raw().clone());
             }
@@ -602,13 +583,14 @@ impl Session {
                     extended: true,
                 });
             }
-            b.sets_in_flight.extend(sets);
             self.cancel.set(Some(b.running()));
         }
-        frames.clear();
-        self.batch.frames = frames;
+        self.batch.clear();
         self.bound = if synced { None } else { Some(target) };
-        self.send_raw(target, &outgoing).await
+        let res = self.send_raw(target, &outgoing).await;
+        outgoing.clear();
+        self.outgoing = outgoing;
+        res
     }
 
     /// Makes sure a connection to `t` is open and alive. With `fallback`,
@@ -853,10 +835,9 @@ impl Session {
         if self.out.is_empty() {
             return Ok(());
         }
-        let chunks: Vec<Bytes> = self.out.drain(..).collect();
-        write_all_vectored(&mut self.client, &chunks)
-            .await
-            .map_err(Error::ClientIo)
+        let res = write_all_vectored(&mut self.client, self.out.make_contiguous()).await;
+        self.out.clear();
+        res.map_err(Error::ClientIo)
     }
 }
 
@@ -875,7 +856,10 @@ async fn read_backend(b: &mut Option<Backend>) -> std::io::Result<usize> {
 }
 
 /// Writes every chunk, in as few system calls as the socket allows.
-async fn write_all_vectored(s: &mut TcpStream, chunks: &[Bytes]) -> std::io::Result<()> {
+async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
+    s: &mut W,
+    chunks: &[Bytes],
+) -> std::io::Result<()> {
     let mut i = 0;
     let mut off = 0;
     while i < chunks.len() {

@@ -1,0 +1,141 @@
+//! A backend socket: TCP, or a unix-domain socket for a server on the same
+//! machine (the local replica), which skips the TCP stack on every message.
+//! A host that starts with `/` is a socket directory, as in libpq.
+
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+/// Where a server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Tcp(SocketAddr),
+    /// The socket file `<dir>/.s.PGSQL.<port>`.
+    Unix(Arc<Path>),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => a.fmt(f),
+            Endpoint::Unix(p) => p.display().fmt(f),
+        }
+    }
+}
+
+impl Endpoint {
+    /// Resolves `host:port`; a host starting with `/` is a socket directory.
+    ///
+    /// # Errors
+    /// `NotFound` when the name does not resolve.
+    pub async fn resolve(host: &str, port: u16) -> io::Result<Endpoint> {
+        if host.starts_with('/') {
+            let path = Path::new(host).join(format!(".s.PGSQL.{port}"));
+            return Ok(Endpoint::Unix(path.into()));
+        }
+        tokio::net::lookup_host((host, port))
+            .await?
+            .next()
+            .map(Endpoint::Tcp)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {host}"))
+            })
+    }
+
+    /// Opens a connection.
+    ///
+    /// # Errors
+    /// The connect error.
+    pub async fn connect(&self) -> io::Result<Stream> {
+        match self {
+            Endpoint::Tcp(a) => {
+                let s = TcpStream::connect(a).await?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            Endpoint::Unix(p) => Ok(Stream::Unix(UnixStream::connect(p).await?)),
+        }
+    }
+}
+
+/// An open backend socket.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Reads what is available without waiting (`WouldBlock` if nothing).
+    ///
+    /// # Errors
+    /// As `try_read_buf` of the socket.
+    pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_read_buf(buf),
+            Stream::Unix(s) => s.try_read_buf(buf),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
