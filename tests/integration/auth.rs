@@ -97,3 +97,51 @@ async fn unknown_database_is_3d000() {
     assert_eq!(code(&e), "3D000");
     assert!(e.as_db_error().unwrap().message().contains("nosuchdb"));
 }
+
+/// pgsplit logs in to the servers with whatever they ask for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_asking_for_md5_cleartext_or_trust_are_served() {
+    for method in ["md5", "password", "trust"] {
+        let s = stack_with(StackOptions {
+            lab: pgsplit_lab::LabOptions {
+                auth: method.into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let c = client(&s).await;
+        assert_eq!(
+            port_of(&c, "SELECT inet_server_port()").await,
+            replica_port(&s),
+            "{method}"
+        );
+        c.batch_execute("CREATE TABLE a (x int)").await.unwrap();
+        assert_eq!(
+            port_of(&c, "INSERT INTO a VALUES (1) RETURNING inet_server_port()").await,
+            primary_port(&s),
+            "{method}"
+        );
+    }
+}
+
+/// Wrong backend credentials surface as the server's own 28P01, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_backend_credentials_are_reported() {
+    let s = stack_with(StackOptions {
+        toml: r#"
+[[users]]
+name = "misconfigured"
+password = "client-secret"
+server_user = "app"
+server_password = "not-the-password"
+"#
+        .into(),
+        ..Default::default()
+    });
+    let e = connect(&conn(&s, "misconfigured", "client-secret", "app"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "28P01");
+    let text = e.to_string();
+    assert!(!text.contains("not-the-password"), "{text}");
+}

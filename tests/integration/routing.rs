@@ -286,3 +286,35 @@ async fn copy_in_goes_to_the_primary_and_copy_out_is_relayed() {
     assert_eq!(text.iter().filter(|b| **b == b'\n').count(), 1000);
     assert!(text.starts_with(b"0\n1\n2\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notices_reach_the_client_unchanged() {
+    let s = stack();
+    let (client, mut connection) = tokio_postgres::connect(&s.conn_string(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut conn = std::pin::pin!(std::future::poll_fn(move |cx| {
+            loop {
+                match connection.poll_message(cx) {
+                    std::task::Poll::Ready(Some(Ok(tokio_postgres::AsyncMessage::Notice(n)))) => {
+                        let _ = tx.send((n.code().code().to_owned(), n.message().to_owned()));
+                    }
+                    std::task::Poll::Ready(Some(Ok(_))) => {}
+                    std::task::Poll::Ready(_) => return std::task::Poll::Ready(()),
+                    std::task::Poll::Pending => return std::task::Poll::Pending,
+                }
+            }
+        }));
+        conn.as_mut().await;
+    });
+    client
+        .batch_execute(
+            "DO $$ BEGIN RAISE WARNING 'from the primary' USING ERRCODE = '01P42'; END $$",
+        )
+        .await
+        .unwrap();
+    let (code, msg) = rx.recv().await.unwrap();
+    assert_eq!((code.as_str(), msg.as_str()), ("01P42", "from the primary"));
+}

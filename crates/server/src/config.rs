@@ -266,10 +266,15 @@ impl Config {
         }
         // A backend section may give only the host or only the port.
         let defaults = Config::default();
-        for (section, d) in [("primary", &defaults.primary), ("replica", &defaults.replica)] {
+        for (section, d) in [
+            ("primary", &defaults.primary),
+            ("replica", &defaults.replica),
+        ] {
             if let Some(toml::Value::Table(t)) = table.get_mut(section) {
-                t.entry("host").or_insert_with(|| toml::Value::String(d.host.clone()));
-                t.entry("port").or_insert_with(|| toml::Value::Integer(i64::from(d.port)));
+                t.entry("host")
+                    .or_insert_with(|| toml::Value::String(d.host.clone()));
+                t.entry("port")
+                    .or_insert_with(|| toml::Value::Integer(i64::from(d.port)));
             }
         }
         let mut cfg: Config = Config::deserialize(toml::Value::Table(table))

@@ -245,6 +245,7 @@ impl Session {
                 Shutdown,
             }
             let ev = tokio::select! {
+                biased;
                 res = read_backend(p), if busy[0] => Ev::Backend(Target::Primary, res),
                 res = read_backend(r), if busy[1] => Ev::Backend(Target::Replica, res),
                 res = client.read_buf(cbuf) => Ev::Client(res),
