@@ -2,10 +2,10 @@
 //!
 //! # Layout
 //! - [`config`]: the configuration struct, TOML loading, `--set` overrides.
-//! - [`listener`]: accept loop, startup packet, authentication, handshake.
+//! - `listener`: accept loop, startup packet, authentication, handshake.
 //! - [`auth`]: client authentication (SCRAM-SHA-256, md5, trust).
 //! - [`backend`]: connections to PostgreSQL servers and their login.
-//! - [`session`]: one client's virtual session over up to two backends;
+//! - `session`: one client's virtual session over up to two backends;
 //!   `session::relay` streams backend output to the client.
 //! - [`cancel`]: the client cancel keys and where each points now.
 //! - [`error`]: the proxy's errors and their SQLSTATEs, in one place.

@@ -146,6 +146,9 @@ pub(crate) struct Session {
     /// inside a batch, as a server does).
     skip_until_sync: bool,
     copy_in: Option<CopyIn>,
+    /// COPY data from the client not yet written to the backend.
+    copy_data: Vec<Bytes>,
+    copy_data_bytes: usize,
     batch: Batch,
     /// Reused list of frames to write to a backend.
     outgoing: Vec<Bytes>,
@@ -158,6 +161,9 @@ pub(crate) struct Session {
     replica_retry_at: Option<Instant>,
     shutdown: CancellationToken,
 }
+
+/// COPY data is written to the server at least this often.
+const COPY_FLUSH_BYTES: usize = 256 * 1024;
 
 /// How long a failed replica is left alone before reads try it again.
 const REPLICA_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -194,6 +200,8 @@ impl Session {
             bound: None,
             skip_until_sync: false,
             copy_in: None,
+            copy_data: Vec::new(),
+            copy_data_bytes: 0,
             batch: Batch::default(),
             outgoing: Vec::new(),
             stmts: Statements::default(),
@@ -269,12 +277,34 @@ impl Session {
     /// Handles every whole frame in the client buffer.
     async fn process_client(&mut self) -> Result<Flow, Error> {
         let max = self.shared.config.max_message_bytes;
-        while let Some(f) = frame::decode(&mut self.cbuf, max)? {
+        let flow = loop {
+            let Some(f) = frame::decode(&mut self.cbuf, max)? else {
+                break Flow::Continue;
+            };
             if let Flow::Exit = self.on_client_frame(f).await? {
-                return Ok(Flow::Exit);
+                break Flow::Exit;
             }
+        };
+        self.flush_copy().await?;
+        Ok(flow)
+    }
+
+    /// Writes the COPY data gathered from one read of the client in one go.
+    async fn flush_copy(&mut self) -> Result<(), Error> {
+        if self.copy_data.is_empty() {
+            return Ok(());
         }
-        Ok(Flow::Continue)
+        let chunks = std::mem::take(&mut self.copy_data);
+        self.copy_data_bytes = 0;
+        let res = match self.copy_in {
+            Some(c) if self.backends[idx(c.target)].is_some() => {
+                self.send_raw(c.target, &chunks).await
+            }
+            _ => Ok(()),
+        };
+        self.copy_data = chunks;
+        self.copy_data.clear();
+        res
     }
 
     async fn on_client_frame(&mut self, f: Frame) -> Result<Flow, Error> {
@@ -283,7 +313,11 @@ impl Session {
             match f.tag() {
                 t::COPY_DATA | t::COPY_DONE | t::COPY_FAIL | t::SYNC | t::FLUSH => {
                     let ends = matches!(f.tag(), t::COPY_DONE | t::COPY_FAIL);
-                    self.send_raw(copy.target, &[f.into_bytes()]).await?;
+                    self.copy_data_bytes += f.len();
+                    self.copy_data.push(f.into_bytes());
+                    if ends || self.copy_data_bytes >= COPY_FLUSH_BYTES {
+                        self.flush_copy().await?;
+                    }
                     if ends {
                         self.copy_in = None;
                         if copy.extended {
@@ -293,7 +327,10 @@ impl Session {
                     }
                     return Ok(Flow::Continue);
                 }
-                _ => self.copy_in = None,
+                _ => {
+                    self.flush_copy().await?;
+                    self.copy_in = None;
+                }
             }
         }
         if self.skip_until_sync {
