@@ -188,3 +188,31 @@ async fn pipelined_extended_batches_and_flush() {
     assert_eq!(raw.error().await.1, "26000");
     assert_eq!(raw.until_ready().await.last(), Some(&b'Z'));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_blocks_finish_then_sends_57p01() {
+    use std::sync::Arc;
+    let s = Arc::new(std::sync::Mutex::new(stack_with(pgsplit_lab::stack::StackOptions {
+        set: vec!["timeouts.shutdown_grace=5s".into()],
+        ..Default::default()
+    })));
+    let (idle, busy) = {
+        let g = s.lock().unwrap();
+        (Raw::login(&g).await, client(&g).await)
+    };
+    let mut idle = idle;
+    busy.batch_execute("CREATE TABLE sd (x int)").await.unwrap();
+    busy.batch_execute("BEGIN; INSERT INTO sd VALUES (1)").await.unwrap();
+    // Stop the proxy (restarting it drops the old one) in the background.
+    let s2 = s.clone();
+    let stopper = tokio::task::spawn_blocking(move || s2.lock().unwrap().restart_proxy(&[]).unwrap());
+    // The idle session is told at once.
+    let (sev, code, _) = idle.error().await;
+    assert_eq!((sev.as_str(), code.as_str()), ("FATAL", "57P01"));
+    // The one inside a block may still finish it.
+    busy.batch_execute("INSERT INTO sd VALUES (2); COMMIT").await.unwrap();
+    stopper.await.unwrap();
+    let g = s.lock().unwrap();
+    let n = g.cluster().psql(pgsplit_lab::Which::Primary, "SELECT count(*) FROM sd").unwrap();
+    assert_eq!(n.trim(), "2");
+}
