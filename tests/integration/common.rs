@@ -74,9 +74,11 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(stack: &Stack) -> Raw {
-        let stream = tokio::net::TcpStream::connect(stack.proxy_addr())
-            .await
-            .unwrap();
+        Raw::connect_at(stack.proxy_addr()).await
+    }
+
+    pub async fn connect_at(addr: std::net::SocketAddr) -> Raw {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         Raw {
             stream,
             buf: bytes::BytesMut::new(),
@@ -119,8 +121,13 @@ impl Raw {
 
     /// Startup + SCRAM login as the lab user, up to the first ReadyForQuery.
     pub async fn login(stack: &Stack) -> Raw {
-        let opts = &stack.options().lab;
-        let mut raw = Raw::connect(stack).await;
+        Raw::login_at(stack.proxy_addr()).await
+    }
+
+    /// Login as the default lab user (app/app, database app) at `addr`.
+    pub async fn login_at(addr: std::net::SocketAddr) -> Raw {
+        let opts = pgsplit_lab::LabOptions::default();
+        let mut raw = Raw::connect_at(addr).await;
         let mut b = bytes::BytesMut::new();
         pgsplit_protocol::encode::startup_message(
             &mut b,
@@ -195,4 +202,52 @@ pub mod postgres_protocol_scram {
             self.0.update(data).expect("server-first parses");
         }
     }
+}
+
+/// What came back for a pipeline of `n` Sync-terminated batches.
+#[derive(Debug, Default)]
+pub struct Replies {
+    /// First column of every DataRow, as text.
+    pub values: Vec<String>,
+    /// SQLSTATE of every ErrorResponse.
+    pub errors: Vec<String>,
+    /// Transaction status of every ReadyForQuery.
+    pub ready: Vec<u8>,
+}
+
+impl Raw {
+    /// Reads until `n` ReadyForQuery messages arrived.
+    pub async fn replies(&mut self, n: usize) -> Replies {
+        let mut r = Replies::default();
+        while r.ready.len() < n {
+            let f = self.frame().await.expect("connection stays open");
+            match f.tag() {
+                b'D' => {
+                    let body = f.body();
+                    let len = i32::from_be_bytes(body[2..6].try_into().unwrap());
+                    let v = if len < 0 {
+                        "NULL".into()
+                    } else {
+                        String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned()
+                    };
+                    r.values.push(v);
+                }
+                b'E' => {
+                    let e = pgsplit_protocol::backend::ErrorFields::parse(f.body()).unwrap();
+                    r.errors.push(e.code.to_owned());
+                }
+                b'Z' => r.ready.push(f.body()[0]),
+                _ => {}
+            }
+        }
+        r
+    }
+}
+
+/// Appends Parse/Bind/Execute/Sync of `sql` (unnamed) to `b`.
+pub fn extended(b: &mut bytes::BytesMut, sql: &str) {
+    pgsplit_protocol::encode::parse(b, "", sql, &[]);
+    pgsplit_protocol::encode::bind(b, "", "", &[]);
+    pgsplit_protocol::encode::execute(b, "", 0);
+    pgsplit_protocol::encode::sync(b);
 }

@@ -9,6 +9,7 @@
 mod auth;
 mod common;
 mod failure;
+mod pipeline;
 mod protocol;
 mod routing;
 mod tools;

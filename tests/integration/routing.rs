@@ -241,6 +241,27 @@ async fn session_settings_follow_the_session_to_both_servers() {
         .await
         .unwrap();
     assert_eq!(r.get::<_, String>(0), "");
+    // A SET inside a block that commits holds for the session everywhere;
+    // one inside a block that rolls back does not.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("SET application_name = 'committed'")
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("SET application_name = 'rolled-back'")
+        .await
+        .unwrap();
+    c.batch_execute("ROLLBACK").await.unwrap();
+    let r = c
+        .query_one(
+            "SELECT current_setting('application_name'), inet_server_port()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "committed");
+    assert_eq!(r.get::<_, i32>(1), replica_port(&s));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

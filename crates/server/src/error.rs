@@ -57,6 +57,15 @@ pub enum Error {
     /// server rolled the transaction back.
     #[error("connection to the {} lost inside a transaction block; the transaction was rolled back", target_name(*target))]
     BackendLostInBlock { target: Target },
+    /// The pinned primary connection died: the session's LISTENs, temporary
+    /// tables and session locks are gone, so the session ends as it would
+    /// on one server.
+    #[error("connection to the primary lost; session state (LISTEN, temporary tables, session locks) is gone")]
+    PinnedStateLost,
+    /// A backend died in the middle of a message already partly relayed;
+    /// the client connection is closed without another word.
+    #[error("connection to the {} lost in the middle of a message", target_name(*target))]
+    StreamBroken { target: Target },
     /// Not implemented yet: refused rather than done wrong.
     #[error("{0} is not supported by pgsplit")]
     NotSupported(&'static str),
@@ -76,6 +85,9 @@ impl Error {
         match self {
             Error::Protocol(ProtoError::UnsupportedProtocol { .. }) => {
                 (Severity::Fatal, FEATURE_NOT_SUPPORTED)
+            }
+            Error::PinnedStateLost | Error::StreamBroken { .. } => {
+                (Severity::Fatal, CONNECTION_FAILURE)
             }
             Error::Protocol(_) | Error::ClientIo(_) | Error::ClientGone => {
                 (Severity::Fatal, PROTOCOL_VIOLATION)

@@ -43,15 +43,24 @@ struct Pending {
     seq: u64,
     /// Extended-protocol batch (ends in Sync) rather than a simple Query.
     extended: bool,
+    /// The cycle ends a block with COMMIT (its settings then persist).
+    commits: bool,
 }
 
 /// What a ParseComplete/CloseComplete from the backend answers.
+///
+/// Statements are recorded as existing when their Parse is sent, so a
+/// pipelined Bind already sees them; a Parse that never completes (its
+/// batch failed) is undone when the batch's ReadyForQuery arrives.
 #[derive(Debug)]
 enum Expect {
+    /// The client's Parse; `existed` when the name was already defined (the
+    /// server then refuses it with 42P05 and the old definition stays).
     ClientParse {
         name: String,
         raw: Bytes,
         class: Class,
+        existed: bool,
     },
     InjectedParse {
         name: String,
@@ -156,6 +165,8 @@ pub(crate) struct Session {
     /// Session-level SET/RESET statements, in order, replayed on every
     /// backend connection the session uses.
     settings_log: Vec<String>,
+    /// SET statements run inside the open block, logged if it commits.
+    block_sets: Vec<String>,
     seq: u64,
     cancel: CancelHandle,
     replica_retry_at: Option<Instant>,
@@ -206,6 +217,7 @@ impl Session {
             outgoing: Vec::new(),
             stmts: Statements::default(),
             settings_log: Vec::new(),
+            block_sets: Vec::new(),
             seq: 0,
             cancel,
             replica_retry_at: None,
@@ -219,7 +231,10 @@ impl Session {
     pub(crate) async fn run(mut self) -> Result<(), Error> {
         let res = self.run_inner().await;
         if let Err(e) = &res {
-            if !matches!(e, Error::ClientGone | Error::ClientIo(_)) {
+            if !matches!(
+                e,
+                Error::ClientGone | Error::ClientIo(_) | Error::StreamBroken { .. }
+            ) {
                 let mut b = BytesMut::new();
                 e.write_to(&mut b, true);
                 self.out.push_back(b.freeze());
@@ -338,6 +353,7 @@ impl Session {
                 self.skip_until_sync = false;
                 self.bound = None;
                 self.batch.clear();
+                self.drain_all().await?;
                 self.push_ready();
             }
             return Ok(Flow::Continue);
@@ -462,7 +478,12 @@ impl Session {
             Choice::Primary => Target::Primary,
             Choice::Replica => Target::Replica,
             Choice::AnyOpen => {
-                if self.backends[idx(Target::Replica)].is_some() {
+                // A backend still answering keeps replies in order for free.
+                if self.busy(Target::Primary) {
+                    Target::Primary
+                } else if self.busy(Target::Replica)
+                    || self.backends[idx(Target::Replica)].is_some()
+                {
                     Target::Replica
                 } else if self.backends[idx(Target::Primary)].is_some() {
                     Target::Primary
@@ -478,6 +499,7 @@ impl Session {
         let class = self.shared.classifier.classify(sql);
         self.shared.stats.count_class(&class);
         if self.virtual_failed {
+            self.drain_all().await?;
             self.answer_failed_block(class.kind, None);
             return Ok(());
         }
@@ -492,40 +514,66 @@ impl Session {
         };
         self.seq += 1;
         let seq = self.seq;
-        self.send_raw(target, &[f.into_bytes()]).await?;
         let b = self.backends[idx(target)].as_mut().expect("ensured");
+        // Recorded before the write, so a failed write answers this query.
         b.pending.push_back(Pending {
             seq,
             extended: false,
+            commits: class.kind == StmtKind::Commit,
         });
         b.sets_in_flight.extend(sets);
-        // A simple query ends the unnamed prepared statement on that server.
-        self.stmts.mark_off("", target);
         self.cancel.set(Some(b.running()));
-        Ok(())
+        // A simple query ends the unnamed prepared statement on that server,
+        // and ends an extended-protocol batch sent in part before it.
+        self.stmts.mark_off("", target);
+        self.bound = None;
+        self.send_raw(target, &[f.into_bytes()]).await
     }
 
     /// Routes `class`, makes sure the backend is connected and caught up,
     /// and drains the other backend so replies stay in order.
     async fn target_for(&mut self, class: &Class) -> Result<Target, Error> {
-        let decision = route::route(class, &self.state());
+        // Replies must reach the client in order, and a reply still in flight
+        // on the other backend can change the decision (its ReadyForQuery may
+        // open or end a block), so that backend is drained first and the
+        // decision taken again. Batches to the same backend stay pipelined.
+        let (decision, wanted) = loop {
+            let decision = route::route(class, &self.state());
+            let wanted = self.resolve(decision.choice);
+            if self.busy(other(wanted)) {
+                self.drain(other(wanted)).await?;
+                continue;
+            }
+            break (decision, wanted);
+        };
         self.shared.stats.count_route(&decision);
-        let wanted = self.resolve(decision.choice);
         let fallback = self.bound.is_none() && self.txn.is_none();
         let target = self.ensure(wanted, fallback).await?;
         if decision.pin {
             self.pinned = true;
         }
         debug!(target = ?target, reason = decision.reason.as_str(), kind = ?class.kind, "routed");
-        let other = other(target);
-        self.drain(other).await?;
         self.prepare_backend(target).await?;
         Ok(target)
     }
 
+    /// Relays everything both backends still owe the client, before the
+    /// proxy answers something itself.
+    async fn drain_all(&mut self) -> Result<(), Error> {
+        self.drain(Target::Primary).await?;
+        self.drain(Target::Replica).await
+    }
+
     async fn dispatch_batch(&mut self, synced: bool) -> Result<(), Error> {
-        let class = self.batch.class.unwrap_or(EMPTY);
+        let mut class = self.batch.class.unwrap_or(EMPTY);
+        if !synced && self.bound.is_none() && self.txn.is_none() && !class.kind.needs_primary() {
+            // Part of a batch goes out before its Sync: the rest runs in the
+            // same implicit transaction and may write, so it starts where
+            // writes can run.
+            class.kind = StmtKind::Write;
+        }
         if self.virtual_failed {
+            self.drain_all().await?;
             let frames = std::mem::take(&mut self.batch.frames);
             self.batch.clear();
             self.answer_failed_block(class.kind, Some(&frames));
@@ -555,7 +603,7 @@ impl Session {
         let mut outgoing = std::mem::take(&mut self.outgoing);
         {
             let b = self.backends[idx(target)].as_mut().expect("ensured");
-            for (i, (f, m)) in self.batch.frames.iter().zip(&self.batch.meta).enumerate() {
+            for (f, m) in self.batch.frames.iter().zip(&self.batch.meta) {
                 match *m {
                     Meta::Parse {
                         name_end,
@@ -566,12 +614,28 @@ impl Session {
                             b.sets_in_flight
                                 .push(batch::text(f, sql.0, sql.1).to_owned());
                         }
+                        let name = batch::text(f, 0, name_end);
+                        let existed = !name.is_empty() && self.stmts.get(name).is_some();
+                        if existed {
+                            // Make the server see the existing statement, so it
+                            // refuses the duplicate as one server would (42P05).
+                            let absent = self.stmts.get(name).filter(|s| !s.on[idx(target)]);
+                            if let Some(s) = absent {
+                                outgoing.push(s.parse.clone());
+                                let name = name.to_owned();
+                                b.expect.push_back((seq, Expect::InjectedParse { name }));
+                                self.stmts.mark_on(batch::text(f, 0, name_end), target);
+                            }
+                        } else {
+                            self.stmts.define(name, f.raw().clone(), class, target);
+                        }
                         b.expect.push_back((
                             seq,
                             Expect::ClientParse {
-                                name: batch::text(f, 0, name_end).to_owned(),
+                                name: name.to_owned(),
                                 raw: f.raw().clone(),
                                 class,
+                                existed,
                             },
                         ));
                     }
@@ -579,28 +643,20 @@ impl Session {
                         // A statement this batch does not parse itself, that
                         // exists for the client but not on this backend: send
                         // the client's own Parse first (its reply is swallowed).
+                        // (Statements count as present from the moment their
+                        // Parse is sent, so one parsed or injected earlier in
+                        // this batch or a pipelined one is not sent twice.)
                         let name = batch::text(f, start, end);
                         let missing = self.stmts.get(name).filter(|s| !s.on[idx(target)]);
                         if let Some(s) = missing {
-                            let handled_here = self.batch.frames[..i]
-                                .iter()
-                                .zip(&self.batch.meta[..i])
-                                .any(|(g, m)| match *m {
-                                    Meta::Parse { name_end, .. } => {
-                                        batch::text(g, 0, name_end) == name
-                                    }
-                                    Meta::Uses { start, end } => batch::text(g, start, end) == name,
-                                    _ => false,
-                                });
-                            if !handled_here {
-                                outgoing.push(s.parse.clone());
-                                b.expect.push_back((
-                                    seq,
-                                    Expect::InjectedParse {
-                                        name: name.to_owned(),
-                                    },
-                                ));
-                            }
+                            outgoing.push(s.parse.clone());
+                            b.expect.push_back((
+                                seq,
+                                Expect::InjectedParse {
+                                    name: name.to_owned(),
+                                },
+                            ));
+                            self.stmts.mark_on(name, target);
                         }
                     }
                     Meta::CloseStatement { start, end } => {
@@ -619,6 +675,7 @@ impl Session {
                 b.pending.push_back(Pending {
                     seq,
                     extended: true,
+                    commits: class.kind == StmtKind::Commit,
                 });
             }
             self.cancel.set(Some(b.running()));
@@ -642,6 +699,11 @@ impl Session {
             debug!(target = ?t, "backend closed while idle; replacing it");
             self.backends[idx(t)] = None;
             self.stmts.forget_backend(t);
+            if self.pinned && t == Target::Primary {
+                // LISTENs, temporary tables, session locks died with it; a
+                // server would have ended this session, so pgsplit does too.
+                return Err(Error::PinnedStateLost);
+            }
             if self.txn == Some(t) {
                 self.txn = None;
                 self.virtual_failed = true;
@@ -663,11 +725,15 @@ impl Session {
                 self.backends[idx(t)] = Some(Backend::new(conn));
                 Ok(t)
             }
-            Err(BackendError::Refused { code, message, .. }) => Err(Error::BackendRefused {
-                target: t,
-                code,
-                message,
-            }),
+            Err(BackendError::Refused { code, message, .. })
+                if !(t == Target::Replica && fallback) =>
+            {
+                Err(Error::BackendRefused {
+                    target: t,
+                    code,
+                    message,
+                })
+            }
             Err(e) if t == Target::Primary => {
                 warn!(cause = %e, "primary unreachable");
                 Err(Error::PrimaryUnreachable(e))
@@ -838,10 +904,9 @@ impl Session {
                     "current transaction is aborted, commands ignored until end of transaction block",
                 )
             });
-            if frames
-                .last()
-                .is_some_and(|f| f.tag() == tag::frontend::SYNC)
-            {
+            let ends_cycle =
+                |f: &Frame| matches!(f.tag(), tag::frontend::SYNC | tag::frontend::FUNCTION_CALL);
+            if frames.last().is_some_and(ends_cycle) {
                 self.push_ready();
             }
             return;

@@ -152,14 +152,20 @@ impl Session {
             return true;
         };
         match e {
-            Expect::ClientParse { name, raw, class } => {
+            // Both were recorded when sent; completion confirms them. A
+            // name thought taken was accepted after all (an earlier Parse of
+            // it in the same pipeline failed): it now holds this definition.
+            Expect::ClientParse {
+                name,
+                raw,
+                class,
+                existed: true,
+            } => {
                 self.stmts.define(&name, raw, class, t);
                 true
             }
-            Expect::InjectedParse { name } => {
-                self.stmts.mark_on(&name, t);
-                false
-            }
+            Expect::ClientParse { .. } => true,
+            Expect::InjectedParse { .. } => false,
             Expect::ClientClose { statement } => {
                 if let Some(name) = statement {
                     self.stmts.close(&name, t);
@@ -174,18 +180,37 @@ impl Session {
         let b = self.backends[idx(t)].as_mut().expect("exists");
         let done = b.pending.pop_front();
         if let Some(p) = done {
+            // Whatever this cycle did not confirm was skipped after an error:
+            // undo the optimistic bookkeeping.
             while b.expect.front().is_some_and(|(s, _)| *s <= p.seq) {
-                b.expect.pop_front();
+                match b.expect.pop_front().map(|(_, e)| e) {
+                    Some(Expect::ClientParse {
+                        name,
+                        raw,
+                        existed: false,
+                        ..
+                    }) => self.stmts.forget_if(&name, &raw),
+                    Some(Expect::InjectedParse { name }) => self.stmts.mark_off(&name, t),
+                    _ => {}
+                }
             }
         }
+        let was_in_block = b.status == TxStatus::InBlock;
+        let commits = done.is_some_and(|p| p.commits);
         b.status = status;
         let ok = !b.errored;
         b.errored = false;
-        let sets = std::mem::take(&mut b.sets_in_flight);
+        let mut sets = std::mem::take(&mut b.sets_in_flight);
         match status {
             TxStatus::Idle => {
                 if self.txn == Some(t) {
                     self.txn = None;
+                }
+                // Settings made inside a block hold for the session only if
+                // the block committed.
+                let block = std::mem::take(&mut self.block_sets);
+                if ok && was_in_block && commits {
+                    sets.splice(0..0, block);
                 }
                 if ok && !sets.is_empty() {
                     // Settings made outside a block now hold for the session:
@@ -198,7 +223,12 @@ impl Session {
                     }
                 }
             }
-            TxStatus::InBlock | TxStatus::Failed => self.txn = Some(t),
+            TxStatus::InBlock | TxStatus::Failed => {
+                self.txn = Some(t);
+                if ok {
+                    self.block_sets.extend(sets);
+                }
+            }
         }
         let idle = self.backends.iter().flatten().all(|b| b.pending.is_empty());
         if idle && self.bound.is_none() {
@@ -215,8 +245,11 @@ impl Session {
         self.stmts.forget_backend(t);
         if b.passthrough > 0 {
             // Part of a message already reached the client; the stream to
-            // it cannot be repaired.
-            return Err(Error::BackendLost { target: t });
+            // it cannot be repaired, and nothing more may be written to it.
+            return Err(Error::StreamBroken { target: t });
+        }
+        if self.pinned && t == Target::Primary {
+            return Err(Error::PinnedStateLost);
         }
         let in_block = self.txn == Some(t);
         if in_block {
@@ -243,8 +276,17 @@ impl Session {
             self.bound = None;
             self.skip_until_sync = true;
         }
-        if self.copy_in.is_some_and(|c| c.target == t) {
+        if let Some(c) = self.copy_in.filter(|c| c.target == t) {
             self.copy_in = None;
+            // A simple-protocol COPY was answered with its Query above; an
+            // extended one owes an error, then ReadyForQuery at the client's
+            // Sync (its pending entry went when the COPY began).
+            if c.extended {
+                if !reported {
+                    self.push_error(&err);
+                }
+                self.skip_until_sync = true;
+            }
         }
         self.cancel.set(None);
         Ok(())

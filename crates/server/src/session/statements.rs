@@ -78,6 +78,18 @@ impl Statements {
         }
     }
 
+    /// The Parse `raw` failed: its statement does not exist anywhere,
+    /// unless a later Parse of the same name has replaced it since.
+    pub fn forget_if(&mut self, name: &str, raw: &Bytes) {
+        if self
+            .map
+            .get(name)
+            .is_some_and(|s| s.parse.as_ptr() == raw.as_ptr())
+        {
+            self.map.remove(name);
+        }
+    }
+
     /// A backend connection was replaced: nothing exists on it any more.
     pub fn forget_backend(&mut self, t: Target) {
         for s in self.map.values_mut() {

@@ -1,0 +1,171 @@
+//! Pipelines: several batches sent before any reply is read. Decisions that
+//! depend on replies still in flight (a block opened, a statement prepared)
+//! must come out as on one server.
+
+use bytes::BytesMut;
+use pgsplit_protocol::encode;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_block_commits_on_the_primary() {
+    let s = stack();
+    client(&s)
+        .await
+        .batch_execute("CREATE TABLE pb (x int)")
+        .await
+        .unwrap();
+    let mut raw = Raw::login(&s).await;
+    let mut b = BytesMut::new();
+    extended(&mut b, "BEGIN");
+    extended(&mut b, "SELECT inet_server_port()");
+    extended(&mut b, "INSERT INTO pb VALUES (1)");
+    extended(&mut b, "COMMIT");
+    raw.send(&b).await;
+    let r = raw.replies(4).await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(
+        r.values,
+        vec![primary_port(&s).to_string()],
+        "the read inside the block ran on the primary"
+    );
+    assert_eq!(r.ready, b"TTTI".to_vec());
+    let n = tokio::task::block_in_place(|| {
+        s.cluster()
+            .psql(pgsplit_lab::Which::Primary, "SELECT count(*) FROM pb")
+    })
+    .unwrap();
+    assert_eq!(n.trim(), "1", "the commit reached the primary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_in_the_same_pipeline_is_routed_by_its_class() {
+    let s = stack();
+    client(&s)
+        .await
+        .batch_execute("CREATE TABLE pp (x int)")
+        .await
+        .unwrap();
+    let mut raw = Raw::login(&s).await;
+    let mut b = BytesMut::new();
+    encode::parse(
+        &mut b,
+        "ins",
+        "INSERT INTO pp VALUES (1) RETURNING inet_server_port()",
+        &[],
+    );
+    encode::sync(&mut b);
+    encode::bind(&mut b, "", "ins", &[]);
+    encode::execute(&mut b, "", 0);
+    encode::sync(&mut b);
+    raw.send(&b).await;
+    let r = raw.replies(2).await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.values, vec![primary_port(&s).to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_move_between_backends_without_duplicates() {
+    let s = stack();
+    let mut raw = Raw::login(&s).await;
+    // s1 prepared inside a block (on the primary).
+    let mut b = BytesMut::new();
+    extended(&mut b, "BEGIN");
+    encode::parse(&mut b, "s1", "SELECT inet_server_port()", &[]);
+    encode::sync(&mut b);
+    extended(&mut b, "COMMIT");
+    raw.send(&b).await;
+    let r = raw.replies(3).await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    // Two pipelined executions on the replica: it is created there once.
+    let mut b = BytesMut::new();
+    for _ in 0..2 {
+        encode::bind(&mut b, "", "s1", &[]);
+        encode::execute(&mut b, "", 0);
+        encode::sync(&mut b);
+    }
+    raw.send(&b).await;
+    let r = raw.replies(2).await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.values, vec![replica_port(&s).to_string(); 2]);
+    // A duplicate name is refused as by one server, wherever it lives.
+    let mut b = BytesMut::new();
+    encode::parse(&mut b, "s1", "SELECT 2", &[]);
+    encode::sync(&mut b);
+    raw.send(&b).await;
+    let r = raw.replies(1).await;
+    assert_eq!(r.errors, vec!["42P05".to_owned()]);
+    // Closing it ends it everywhere; the name can be reused.
+    let mut b = BytesMut::new();
+    encode::close(&mut b, b'S', "s1");
+    encode::sync(&mut b);
+    encode::parse(&mut b, "s1", "SELECT 'again'", &[]);
+    encode::bind(&mut b, "", "s1", &[]);
+    encode::execute(&mut b, "", 0);
+    encode::sync(&mut b);
+    raw.send(&b).await;
+    let r = raw.replies(2).await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.values, vec!["again".to_owned()]);
+    // And on the primary too (a block), where the old s1 was closed lazily.
+    let mut b = BytesMut::new();
+    extended(&mut b, "BEGIN");
+    encode::bind(&mut b, "", "s1", &[]);
+    encode::execute(&mut b, "", 0);
+    encode::sync(&mut b);
+    extended(&mut b, "COMMIT");
+    raw.send(&b).await;
+    let r = raw.replies(3).await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.values, vec!["again".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_flushed_before_sync_may_write_later() {
+    let s = stack();
+    client(&s)
+        .await
+        .batch_execute("CREATE TABLE fl (x int)")
+        .await
+        .unwrap();
+    let mut raw = Raw::login(&s).await;
+    let mut b = BytesMut::new();
+    encode::parse(&mut b, "", "SELECT inet_server_port()", &[]);
+    encode::bind(&mut b, "", "", &[]);
+    encode::execute(&mut b, "", 0);
+    encode::flush(&mut b);
+    raw.send(&b).await;
+    let mut b = BytesMut::new();
+    encode::parse(&mut b, "", "INSERT INTO fl VALUES (1)", &[]);
+    encode::bind(&mut b, "", "", &[]);
+    encode::execute(&mut b, "", 0);
+    encode::sync(&mut b);
+    raw.send(&b).await;
+    let r = raw.replies(1).await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.values, vec![primary_port(&s).to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_parse_leaves_no_statement_behind() {
+    let s = stack();
+    let mut raw = Raw::login(&s).await;
+    let mut b = BytesMut::new();
+    encode::parse(&mut b, "bad", "SELECT * FROM missing_table", &[]);
+    encode::sync(&mut b);
+    encode::bind(&mut b, "", "bad", &[]);
+    encode::execute(&mut b, "", 0);
+    encode::sync(&mut b);
+    encode::parse(&mut b, "bad", "SELECT 1", &[]);
+    encode::bind(&mut b, "", "bad", &[]);
+    encode::execute(&mut b, "", 0);
+    encode::sync(&mut b);
+    raw.send(&b).await;
+    let r = raw.replies(3).await;
+    assert_eq!(
+        r.errors,
+        vec!["42P01".to_owned(), "26000".to_owned()],
+        "{r:?}"
+    );
+    assert_eq!(r.values, vec!["1".to_owned()]);
+}
