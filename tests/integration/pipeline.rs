@@ -169,3 +169,45 @@ async fn a_failed_parse_leaves_no_statement_behind() {
     );
     assert_eq!(r.values, vec!["1".to_owned()]);
 }
+
+/// A long pipeline (20 000 batches, 40 MB of replies, written before any
+/// reply is read) is answered completely and in order, with no error and
+/// no stall while requests and replies cross in both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_pipeline_is_answered_completely() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = stack();
+    let raw = Raw::login(&s).await;
+    let (mut rd, mut wr) = raw.stream.into_split();
+    let n = 20_000;
+    let writer = tokio::spawn(async move {
+        let mut b = BytesMut::new();
+        for _ in 0..n {
+            extended(&mut b, "SELECT repeat('x', 2000)");
+        }
+        wr.write_all(&b).await.unwrap();
+        wr
+    });
+    let mut buf = BytesMut::new();
+    let mut ready = 0;
+    let read = async {
+        while ready < n {
+            while let Some(f) = pgsplit_protocol::decode(&mut buf, 1 << 30).unwrap() {
+                assert_ne!(f.tag(), b'E', "no errors");
+                if f.tag() == b'Z' {
+                    ready += 1;
+                }
+            }
+            if ready < n {
+                assert!(
+                    rd.read_buf(&mut buf).await.unwrap() > 0,
+                    "connection stays open"
+                );
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), read)
+        .await
+        .expect("every reply arrives");
+    writer.await.unwrap();
+}

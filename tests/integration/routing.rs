@@ -339,3 +339,36 @@ async fn notices_reach_the_client_unchanged() {
     let (code, msg) = rx.recv().await.unwrap();
     assert_eq!((code.as_str(), msg.as_str()), ("01P42", "from the primary"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_pins_to_the_primary_and_notifications_arrive_while_idle() {
+    let s = stack();
+    let (client, mut connection) = tokio_postgres::connect(&s.conn_string(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        std::future::poll_fn(move |cx| loop {
+            match connection.poll_message(cx) {
+                std::task::Poll::Ready(Some(Ok(tokio_postgres::AsyncMessage::Notification(n)))) => {
+                    let _ = tx.send(n.payload().to_owned());
+                }
+                std::task::Poll::Ready(Some(Ok(_))) => {}
+                std::task::Poll::Ready(_) => return std::task::Poll::Ready(()),
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+            }
+        })
+        .await;
+    });
+    client.batch_execute("LISTEN jobs").await.unwrap();
+    assert_eq!(
+        port_of(&client, "SELECT inet_server_port()").await,
+        primary_port(&s),
+        "pinned"
+    );
+    // Another session notifies; this one is idle and must still hear it.
+    let other = crate::common::client(&s).await;
+    other.batch_execute("NOTIFY jobs, 'job-1'").await.unwrap();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
+    assert_eq!(got.unwrap().as_deref(), Some("job-1"));
+}

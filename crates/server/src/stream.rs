@@ -73,6 +73,39 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// Waits until the socket can take more bytes.
+    ///
+    /// # Errors
+    /// As the socket's `writable`.
+    pub async fn writable(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.writable().await,
+            Stream::Unix(s) => s.writable().await,
+        }
+    }
+
+    /// Waits until the socket has bytes (or EOF) to read.
+    ///
+    /// # Errors
+    /// As the socket's `readable`.
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.readable().await,
+            Stream::Unix(s) => s.readable().await,
+        }
+    }
+
+    /// Writes what the socket takes now (`WouldBlock` if nothing).
+    ///
+    /// # Errors
+    /// As `try_write_vectored` of the socket.
+    pub fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_write_vectored(bufs),
+            Stream::Unix(s) => s.try_write_vectored(bufs),
+        }
+    }
+
     /// Reads what is available without waiting (`WouldBlock` if nothing).
     ///
     /// # Errors

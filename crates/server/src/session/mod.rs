@@ -253,6 +253,10 @@ impl Session {
         loop {
             self.flush_client().await?;
             let busy = [self.busy(Target::Primary), self.busy(Target::Replica)];
+            // A pinned primary can speak unasked (NotificationResponse of a
+            // LISTEN, a FATAL on shutdown): read it while the client is idle.
+            let primary_open = self.backends[idx(Target::Primary)].is_some();
+            let watch = [busy[0] || (self.pinned && primary_open), busy[1]];
             let idle = !busy[0] && !busy[1] && self.txn.is_none() && self.copy_in.is_none();
             let Session {
                 client,
@@ -269,8 +273,8 @@ impl Session {
             }
             let ev = tokio::select! {
                 biased;
-                res = read_backend(p), if busy[0] => Ev::Backend(Target::Primary, res),
-                res = read_backend(r), if busy[1] => Ev::Backend(Target::Replica, res),
+                                res = read_backend(p), if watch[0] => Ev::Backend(Target::Primary, res),
+                res = read_backend(r), if watch[1] => Ev::Backend(Target::Replica, res),
                 res = client.read_buf(cbuf) => Ev::Client(res),
                 _ = shutdown.cancelled(), if idle => Ev::Shutdown,
             };
@@ -838,11 +842,59 @@ impl Session {
         Ok(())
     }
 
+    /// Writes frames to `t`. While the server does not take them, its
+    /// output is read and relayed: a server blocked writing replies (a COPY
+    /// raising a notice per row, a long pipeline) stops reading, and a proxy
+    /// that only wrote would then wait for it forever.
     async fn send_raw(&mut self, t: Target, frames: &[Bytes]) -> Result<(), Error> {
-        let b = self.backends[idx(t)].as_mut().expect("backend connected");
-        if let Err(e) = write_all_vectored(&mut b.conn.stream, frames).await {
-            debug!(cause = %e, target = ?t, "write to backend failed");
-            return self.backend_lost(t);
+        let (mut i, mut off) = (0usize, 0usize);
+        while i < frames.len() {
+            let Some(b) = self.backends[idx(t)].as_mut() else {
+                return Ok(()); // lost while relaying; already answered
+            };
+            let mut slices: [IoSlice<'_>; 32] = [IoSlice::new(&[]); 32];
+            let n = (frames.len() - i).min(32);
+            for (k, c) in frames[i..i + n].iter().enumerate() {
+                slices[k] = IoSlice::new(if k == 0 { &c[off..] } else { &c[..] });
+            }
+            match b.conn.stream.try_write_vectored(&slices[..n]) {
+                Ok(mut written) => {
+                    while written > 0 && i < frames.len() {
+                        let left = frames[i].len() - off;
+                        if written >= left {
+                            written -= left;
+                            i += 1;
+                            off = 0;
+                        } else {
+                            off += written;
+                            written = 0;
+                        }
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    debug!(cause = %e, target = ?t, "write to backend failed");
+                    return self.backend_lost(t);
+                }
+            }
+            let stream = &b.conn.stream;
+            let readable = tokio::select! {
+                biased;
+                r = stream.writable() => r.map(|_| false),
+                r = stream.readable() => r.map(|_| true),
+            };
+            match readable {
+                Ok(false) => {}
+                Ok(true) => match b.conn.stream.try_read_buf(&mut b.conn.rbuf) {
+                    Ok(0) => return self.backend_lost(t),
+                    // Relayed later: the client may itself be blocked writing.
+                    Ok(_) => self.on_backend_data(t)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return self.backend_lost(t),
+                },
+                Err(_) => return self.backend_lost(t),
+            }
         }
         Ok(())
     }
