@@ -244,6 +244,13 @@ impl Raw {
     }
 }
 
+/// Appends Bind/Execute/Sync of prepared statement `name` to `b`.
+pub fn run_prepared(b: &mut bytes::BytesMut, name: &str) {
+    pgsplit_protocol::encode::bind(b, "", name, &[]);
+    pgsplit_protocol::encode::execute(b, "", 0);
+    pgsplit_protocol::encode::sync(b);
+}
+
 /// Appends Parse/Bind/Execute/Sync of `sql` (unnamed) to `b`.
 pub fn extended(b: &mut bytes::BytesMut, sql: &str) {
     pgsplit_protocol::encode::parse(b, "", sql, &[]);

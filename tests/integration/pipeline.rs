@@ -55,9 +55,7 @@ async fn a_statement_prepared_in_the_same_pipeline_is_routed_by_its_class() {
         &[],
     );
     encode::sync(&mut b);
-    encode::bind(&mut b, "", "ins", &[]);
-    encode::execute(&mut b, "", 0);
-    encode::sync(&mut b);
+    run_prepared(&mut b, "ins");
     raw.send(&b).await;
     let r = raw.replies(2).await;
     assert!(r.errors.is_empty(), "{r:?}");
@@ -80,9 +78,7 @@ async fn statements_move_between_backends_without_duplicates() {
     // Two pipelined executions on the replica: it is created there once.
     let mut b = BytesMut::new();
     for _ in 0..2 {
-        encode::bind(&mut b, "", "s1", &[]);
-        encode::execute(&mut b, "", 0);
-        encode::sync(&mut b);
+        run_prepared(&mut b, "s1");
     }
     raw.send(&b).await;
     let r = raw.replies(2).await;
@@ -100,9 +96,7 @@ async fn statements_move_between_backends_without_duplicates() {
     encode::close(&mut b, b'S', "s1");
     encode::sync(&mut b);
     encode::parse(&mut b, "s1", "SELECT 'again'", &[]);
-    encode::bind(&mut b, "", "s1", &[]);
-    encode::execute(&mut b, "", 0);
-    encode::sync(&mut b);
+    run_prepared(&mut b, "s1");
     raw.send(&b).await;
     let r = raw.replies(2).await;
     assert!(r.errors.is_empty(), "{r:?}");
@@ -110,9 +104,7 @@ async fn statements_move_between_backends_without_duplicates() {
     // And on the primary too (a block), where the old s1 was closed lazily.
     let mut b = BytesMut::new();
     extended(&mut b, "BEGIN");
-    encode::bind(&mut b, "", "s1", &[]);
-    encode::execute(&mut b, "", 0);
-    encode::sync(&mut b);
+    run_prepared(&mut b, "s1");
     extended(&mut b, "COMMIT");
     raw.send(&b).await;
     let r = raw.replies(3).await;
@@ -137,9 +129,7 @@ async fn a_batch_flushed_before_sync_may_write_later() {
     raw.send(&b).await;
     let mut b = BytesMut::new();
     encode::parse(&mut b, "", "INSERT INTO fl VALUES (1)", &[]);
-    encode::bind(&mut b, "", "", &[]);
-    encode::execute(&mut b, "", 0);
-    encode::sync(&mut b);
+    run_prepared(&mut b, "");
     raw.send(&b).await;
     let r = raw.replies(1).await;
     assert!(r.errors.is_empty(), "{r:?}");
@@ -153,13 +143,9 @@ async fn a_failed_parse_leaves_no_statement_behind() {
     let mut b = BytesMut::new();
     encode::parse(&mut b, "bad", "SELECT * FROM missing_table", &[]);
     encode::sync(&mut b);
-    encode::bind(&mut b, "", "bad", &[]);
-    encode::execute(&mut b, "", 0);
-    encode::sync(&mut b);
+    run_prepared(&mut b, "bad");
     encode::parse(&mut b, "bad", "SELECT 1", &[]);
-    encode::bind(&mut b, "", "bad", &[]);
-    encode::execute(&mut b, "", 0);
-    encode::sync(&mut b);
+    run_prepared(&mut b, "bad");
     raw.send(&b).await;
     let r = raw.replies(3).await;
     assert_eq!(

@@ -57,6 +57,10 @@ pub enum Error {
     /// server rolled the transaction back.
     #[error("connection to the {} lost inside a transaction block; the transaction was rolled back", target_name(*target))]
     BackendLostInBlock { target: Target },
+    /// The client's block was lost with its backend; statements are refused
+    /// until the client ends the block, as in a failed block on one server.
+    #[error("current transaction is aborted, commands ignored until end of transaction block")]
+    InFailedBlock,
     /// The pinned primary connection died: the session's LISTENs, temporary
     /// tables and session locks are gone, so the session ends as it would
     /// on one server.
@@ -106,6 +110,7 @@ impl Error {
                 (Severity::Error, CONNECTION_FAILURE)
             }
             Error::NotSupported(_) => (Severity::Error, FEATURE_NOT_SUPPORTED),
+            Error::InFailedBlock => (Severity::Error, IN_FAILED_SQL_TRANSACTION),
         }
     }
 

@@ -12,9 +12,9 @@
 mod batch;
 mod relay;
 pub mod statements;
+mod vectored;
 
 use std::collections::VecDeque;
-use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,6 +36,7 @@ use crate::error::Error;
 use crate::Shared;
 use batch::{Batch, Meta};
 use statements::{idx, Statements};
+use vectored::Chunks;
 
 /// A message or query sent whose ReadyForQuery has not come back.
 #[derive(Debug, Clone, Copy)]
@@ -847,29 +848,16 @@ impl Session {
     /// raising a notice per row, a long pipeline) stops reading, and a proxy
     /// that only wrote would then wait for it forever.
     async fn send_raw(&mut self, t: Target, frames: &[Bytes]) -> Result<(), Error> {
-        let (mut i, mut off) = (0usize, 0usize);
-        while i < frames.len() {
+        let mut todo = Chunks::new(frames);
+        while !todo.is_done() {
             let Some(b) = self.backends[idx(t)].as_mut() else {
                 return Ok(()); // lost while relaying; already answered
             };
-            let mut slices: [IoSlice<'_>; 32] = [IoSlice::new(&[]); 32];
-            let n = (frames.len() - i).min(32);
-            for (k, c) in frames[i..i + n].iter().enumerate() {
-                slices[k] = IoSlice::new(if k == 0 { &c[off..] } else { &c[..] });
-            }
+            let mut slices = vectored::slice_array();
+            let n = todo.slices(&mut slices);
             match b.conn.stream.try_write_vectored(&slices[..n]) {
-                Ok(mut written) => {
-                    while written > 0 && i < frames.len() {
-                        let left = frames[i].len() - off;
-                        if written >= left {
-                            written -= left;
-                            i += 1;
-                            off = 0;
-                        } else {
-                            off += written;
-                            written = 0;
-                        }
-                    }
+                Ok(written) => {
+                    todo.advance(written);
                     continue;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -928,34 +916,19 @@ impl Session {
     /// The client's block died with its backend: answer as a server does
     /// for a failed block — 25P02 until ROLLBACK/COMMIT, which end it.
     fn answer_failed_block(&mut self, kind: StmtKind, frames: Option<&[Frame]>) {
-        use pgsplit_protocol::sqlstate::IN_FAILED_SQL_TRANSACTION;
         let ends = matches!(kind, StmtKind::Rollback | StmtKind::Commit);
         let Some(frames) = frames else {
             if ends {
                 self.virtual_failed = false;
                 self.push_own(|b| encode::command_complete(b, "ROLLBACK"));
             } else {
-                self.push_own(|b| {
-                    encode::error_response(
-                        b,
-                        encode::Severity::Error,
-                        IN_FAILED_SQL_TRANSACTION,
-                        "current transaction is aborted, commands ignored until end of transaction block",
-                    )
-                });
+                self.push_error(&Error::InFailedBlock);
             }
             self.push_ready();
             return;
         };
         if !ends {
-            self.push_own(|b| {
-                encode::error_response(
-                    b,
-                    encode::Severity::Error,
-                    IN_FAILED_SQL_TRANSACTION,
-                    "current transaction is aborted, commands ignored until end of transaction block",
-                )
-            });
+            self.push_error(&Error::InFailedBlock);
             let ends_cycle =
                 |f: &Frame| matches!(f.tag(), tag::frontend::SYNC | tag::frontend::FUNCTION_CALL);
             if frames.last().is_some_and(ends_cycle) {
@@ -1015,30 +988,15 @@ async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
     s: &mut W,
     chunks: &[Bytes],
 ) -> std::io::Result<()> {
-    let mut i = 0;
-    let mut off = 0;
-    while i < chunks.len() {
-        let mut slices: [IoSlice<'_>; 32] = [IoSlice::new(&[]); 32];
-        let mut n = 0;
-        for (k, c) in chunks[i..].iter().take(32).enumerate() {
-            slices[k] = IoSlice::new(if k == 0 { &c[off..] } else { &c[..] });
-            n += 1;
-        }
-        let mut written = s.write_vectored(&slices[..n]).await?;
+    let mut todo = Chunks::new(chunks);
+    while !todo.is_done() {
+        let mut slices = vectored::slice_array();
+        let n = todo.slices(&mut slices);
+        let written = s.write_vectored(&slices[..n]).await?;
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        while written > 0 && i < chunks.len() {
-            let left = chunks[i].len() - off;
-            if written >= left {
-                written -= left;
-                i += 1;
-                off = 0;
-            } else {
-                off += written;
-                written = 0;
-            }
-        }
+        todo.advance(written);
     }
     Ok(())
 }
