@@ -372,3 +372,43 @@ async fn listen_pins_to_the_primary_and_notifications_arrive_while_idle() {
     let got = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
     assert_eq!(got.unwrap().as_deref(), Some("job-1"));
 }
+
+/// A setting changed per request stays cheap and correct: the replayed log
+/// is compacted, and the other backend ends with the last value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_request_settings_replay_the_last_value() {
+    let s = stack();
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE req (who text)")
+        .await
+        .unwrap();
+    c.batch_execute("SET search_path = public").await.unwrap();
+    for i in 0..100 {
+        c.batch_execute(&format!("SET app.user_id = '{i}'"))
+            .await
+            .unwrap();
+    }
+    let r = c
+        .query_one(
+            "INSERT INTO req VALUES (current_setting('app.user_id')) RETURNING who, inet_server_port()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "99");
+    assert_eq!(r.get::<_, i32>(1), primary_port(&s));
+    let r = c
+        .query_one(
+            "SELECT current_setting('search_path'), current_setting('app.user_id')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r.get::<_, String>(0).as_str(),
+            r.get::<_, String>(1).as_str()
+        ),
+        ("public", "99")
+    );
+}

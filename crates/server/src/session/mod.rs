@@ -11,6 +11,7 @@
 
 mod batch;
 mod relay;
+mod settings;
 pub mod statements;
 mod vectored;
 
@@ -35,6 +36,7 @@ use crate::config::User;
 use crate::error::Error;
 use crate::Shared;
 use batch::{Batch, Meta};
+use settings::SettingsLog;
 use statements::{idx, Statements};
 use vectored::Chunks;
 
@@ -165,7 +167,7 @@ pub(crate) struct Session {
     stmts: Statements,
     /// Session-level SET/RESET statements, in order, replayed on every
     /// backend connection the session uses.
-    settings_log: Vec<String>,
+    settings_log: SettingsLog,
     /// SET statements run inside the open block, logged if it commits.
     block_sets: Vec<String>,
     seq: u64,
@@ -217,7 +219,7 @@ impl Session {
             batch: Batch::default(),
             outgoing: Vec::new(),
             stmts: Statements::default(),
-            settings_log: Vec::new(),
+            settings_log: SettingsLog::default(),
             block_sets: Vec::new(),
             seq: 0,
             cancel,
@@ -796,7 +798,7 @@ impl Session {
             return Ok(());
         }
         let mut lost = false;
-        for sql in &self.settings_log[b.applied_sets..] {
+        for sql in self.settings_log.since(b.applied_sets) {
             match b.conn.run_silent(sql).await {
                 Ok(None) => {}
                 Ok(Some(code)) => warn!(code, "replaying a session setting failed"),

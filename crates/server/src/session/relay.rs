@@ -217,7 +217,13 @@ impl Session {
                     // log them so every other backend gets them before its
                     // next statement. (This one already has them.)
                     let caught_up = b.applied_sets == self.settings_log.len();
-                    self.settings_log.extend(sets);
+                    if self.settings_log.extend(sets) {
+                        // Compacted: everyone replays it from the start.
+                        for other in self.backends.iter_mut().flatten() {
+                            other.applied_sets = 0;
+                        }
+                    }
+                    let b = self.backends[idx(t)].as_mut().expect("exists");
                     if caught_up {
                         b.applied_sets = self.settings_log.len();
                     }
