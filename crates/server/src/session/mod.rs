@@ -10,6 +10,7 @@
 //! the router.
 
 mod batch;
+mod memo;
 mod relay;
 mod settings;
 pub mod statements;
@@ -36,6 +37,7 @@ use crate::config::User;
 use crate::error::Error;
 use crate::Shared;
 use batch::{Batch, Meta};
+use memo::Memo;
 use settings::SettingsLog;
 use statements::{idx, Statements};
 use vectored::Chunks;
@@ -162,6 +164,7 @@ pub(crate) struct Session {
     copy_data: Vec<Bytes>,
     copy_data_bytes: usize,
     batch: Batch,
+    memo: Memo,
     /// Reused list of frames to write to a backend.
     outgoing: Vec<Bytes>,
     stmts: Statements,
@@ -217,6 +220,7 @@ impl Session {
             copy_data: Vec::new(),
             copy_data_bytes: 0,
             batch: Batch::default(),
+            memo: Memo::default(),
             outgoing: Vec::new(),
             stmts: Statements::default(),
             settings_log: SettingsLog::default(),
@@ -414,7 +418,7 @@ impl Session {
         let meta = match f.tag() {
             t::PARSE => {
                 let p = Parse::parse(f.body())?;
-                let class = self.shared.classifier.classify(p.sql);
+                let class = self.classify(p.sql);
                 self.shared.stats.count_class(&class);
                 self.batch.add_class(class);
                 let name_end = p.name.len();
@@ -464,6 +468,12 @@ impl Session {
         Ok(())
     }
 
+    /// Classifies a statement, remembering the last few.
+    fn classify(&mut self, sql: &str) -> Class {
+        let classifier = &self.shared.classifier;
+        self.memo.class(sql, |s| classifier.classify(s))
+    }
+
     fn statement_class(&self, name: &str) -> Option<Class> {
         self.batch
             .local_class(name)
@@ -503,7 +513,7 @@ impl Session {
 
     async fn on_query(&mut self, f: Frame) -> Result<(), Error> {
         let sql = frontend::query(f.body())?;
-        let class = self.shared.classifier.classify(sql);
+        let class = self.classify(sql);
         self.shared.stats.count_class(&class);
         if self.virtual_failed {
             self.drain_all().await?;

@@ -34,6 +34,9 @@ pub struct Stmt {
 /// All of a session's statements.
 #[derive(Debug, Default)]
 pub struct Statements {
+    /// The unnamed statement, kept apart: drivers re-parse it on nearly
+    /// every query, and a field costs no hashing.
+    unnamed: Option<Stmt>,
     map: HashMap<String, Stmt>,
     /// Names closed by the client that still exist on a backend.
     zombies: [Vec<String>; 2],
@@ -41,14 +44,34 @@ pub struct Statements {
 
 impl Statements {
     pub fn get(&self, name: &str) -> Option<&Stmt> {
-        self.map.get(name)
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.map.get(name)
+        }
+    }
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut Stmt> {
+        if name.is_empty() {
+            self.unnamed.as_mut()
+        } else {
+            self.map.get_mut(name)
+        }
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Stmt> {
+        if name.is_empty() {
+            self.unnamed.take()
+        } else {
+            self.map.remove(name)
+        }
     }
 
     /// A Parse succeeded on `t`.
     pub fn define(&mut self, name: &str, parse: Bytes, class: Class, t: Target) {
         let mut on = [false; 2];
         on[idx(t)] = true;
-        match self.map.get_mut(name) {
+        match self.get_mut(name) {
             Some(s) => {
                 // Only the unnamed statement can be redefined; the other
                 // backend's copy is stale but will be overwritten when an
@@ -57,6 +80,7 @@ impl Statements {
                 s.class = class;
                 s.on = on;
             }
+            None if name.is_empty() => self.unnamed = Some(Stmt { parse, class, on }),
             None => {
                 self.map.insert(name.to_owned(), Stmt { parse, class, on });
             }
@@ -65,7 +89,7 @@ impl Statements {
 
     /// An injected Parse succeeded on `t`.
     pub fn mark_on(&mut self, name: &str, t: Target) {
-        if let Some(s) = self.map.get_mut(name) {
+        if let Some(s) = self.get_mut(name) {
             s.on[idx(t)] = true;
         }
     }
@@ -73,7 +97,7 @@ impl Statements {
     /// The backend lost its copy (a simple query ends the unnamed
     /// statement; a backend connection was replaced).
     pub fn mark_off(&mut self, name: &str, t: Target) {
-        if let Some(s) = self.map.get_mut(name) {
+        if let Some(s) = self.get_mut(name) {
             s.on[idx(t)] = false;
         }
     }
@@ -82,17 +106,16 @@ impl Statements {
     /// unless a later Parse of the same name has replaced it since.
     pub fn forget_if(&mut self, name: &str, raw: &Bytes) {
         if self
-            .map
             .get(name)
             .is_some_and(|s| s.parse.as_ptr() == raw.as_ptr())
         {
-            self.map.remove(name);
+            self.remove(name);
         }
     }
 
     /// A backend connection was replaced: nothing exists on it any more.
     pub fn forget_backend(&mut self, t: Target) {
-        for s in self.map.values_mut() {
+        for s in self.map.values_mut().chain(self.unnamed.as_mut()) {
             s.on[idx(t)] = false;
         }
         self.zombies[idx(t)].clear();
@@ -101,7 +124,7 @@ impl Statements {
     /// The client closed `name` on `t`; the other backend's copy becomes a
     /// zombie to close before that backend is used again.
     pub fn close(&mut self, name: &str, t: Target) {
-        if let Some(s) = self.map.remove(name) {
+        if let Some(s) = self.remove(name) {
             let other = 1 - idx(t);
             if s.on[other] && !name.is_empty() {
                 self.zombies[other].push(name.to_owned());
