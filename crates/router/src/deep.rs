@@ -203,8 +203,8 @@ fn statement(stmt: &Statement, fns: &WriteFunctions<'_>) -> StmtKind {
         } => {
             return match explain_analyze(*analyze, options.as_deref()) {
                 Some(false) => Read,
-                Some(true) => executed(statement(inner, fns)),
-                None => executed(statement(inner, fns)).combine(Write),
+                Some(true) => statement(inner, fns).executed(),
+                None => statement(inner, fns).executed().combine(Write),
             };
         }
         Statement::ExplainTable { .. }
@@ -303,26 +303,7 @@ fn boolean(expr: &Expr) -> Option<bool> {
         Expr::Identifier(ident) => ident.value.as_str(),
         _ => return None,
     };
-    let is = |words: &[&str]| words.iter().any(|w| text.eq_ignore_ascii_case(w));
-    if is(&["true", "t", "on", "yes", "y", "1"]) {
-        Some(true)
-    } else if is(&["false", "f", "off", "no", "n", "0"]) {
-        Some(false)
-    } else {
-        None
-    }
-}
-
-/// What a wrapper (`EXPLAIN ANALYZE`) does with the statement it runs.
-fn executed(kind: StmtKind) -> StmtKind {
-    match kind {
-        StmtKind::Read
-        | StmtKind::Write
-        | StmtKind::Pin
-        | StmtKind::Unknown
-        | StmtKind::TxnScoped => kind,
-        _ => StmtKind::Write,
-    }
+    crate::option_bool(text.as_bytes())
 }
 
 fn set_kind(set: &Set) -> StmtKind {

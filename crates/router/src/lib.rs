@@ -157,6 +157,40 @@ pub enum Stage {
     Parser,
 }
 
+impl StmtKind {
+    /// What a wrapper that runs a statement (`EXPLAIN ANALYZE`, `COPY
+    /// (query)`, `DECLARE … FOR`) makes of the statement's kind. Statements
+    /// that cannot be wrapped (a `BEGIN`, a `SET`) are a syntax error in
+    /// PostgreSQL and count as writes here.
+    pub fn executed(self) -> StmtKind {
+        match self {
+            StmtKind::Read
+            | StmtKind::Write
+            | StmtKind::Pin
+            | StmtKind::Unknown
+            | StmtKind::TxnScoped => self,
+            _ => StmtKind::Write,
+        }
+    }
+}
+
+/// A PostgreSQL boolean option spelling (`on`, `t`, `yes`, `1`, …), or
+/// `None` when `text` is not one.
+pub(crate) fn option_bool(text: &[u8]) -> Option<bool> {
+    let is = |words: &[&str]| {
+        words
+            .iter()
+            .any(|w| text.eq_ignore_ascii_case(w.as_bytes()))
+    };
+    if is(&["true", "t", "on", "yes", "y", "1"]) {
+        Some(true)
+    } else if is(&["false", "f", "off", "no", "n", "0"]) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// The classification of one SQL string.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Class {

@@ -13,20 +13,6 @@ use crate::functions::WriteFunctions;
 use crate::lexer::{Token, TokenKind};
 use crate::StmtKind;
 
-/// What a wrapper does with the kind of the statement it runs: inner
-/// statements that cannot be explained or copied (a `BEGIN`, a `SET`) are a
-/// syntax error in PostgreSQL and count as writes here.
-fn executed(kind: StmtKind) -> StmtKind {
-    match kind {
-        StmtKind::Read
-        | StmtKind::Write
-        | StmtKind::Pin
-        | StmtKind::Unknown
-        | StmtKind::TxnScoped => kind,
-        _ => StmtKind::Write,
-    }
-}
-
 /// A token that starts a query, telling `EXPLAIN (SELECT 1)` from
 /// `EXPLAIN (ANALYZE) …`.
 fn starts_query(tok: &Token<'_>) -> bool {
@@ -64,8 +50,8 @@ pub(crate) fn explain<'a>(
     let inner = statement::classify(cur, tok, fns, nesting + 1);
     match analyze {
         Some(false) => Some(StmtKind::Read),
-        Some(true) => inner.map(executed),
-        None => Some(inner.map_or(StmtKind::Write, |k| executed(k).combine(StmtKind::Write))),
+        Some(true) => inner.map(StmtKind::executed),
+        None => Some(inner.map_or(StmtKind::Write, |k| k.executed().combine(StmtKind::Write))),
     }
 }
 
@@ -115,18 +101,7 @@ fn boolean(tok: &Token<'_>) -> Option<bool> {
         }
         _ => return None,
     };
-    let is = |words: &[&str]| {
-        words
-            .iter()
-            .any(|w| text.eq_ignore_ascii_case(w.as_bytes()))
-    };
-    if is(&["true", "t", "on", "yes", "y", "1"]) {
-        Some(true)
-    } else if is(&["false", "f", "off", "no", "n", "0"]) {
-        Some(false)
-    } else {
-        None
-    }
+    crate::option_bool(text)
 }
 
 /// After `COPY`: `(query) TO …` runs the query; `table [(cols)] FROM …` is a
@@ -148,9 +123,9 @@ pub(crate) fn copy<'a>(
         })?;
         let direction = cur.next()?;
         if !direction.is_keyword("to") {
-            return Some(executed(inner).combine(StmtKind::Write));
+            return Some(inner.executed().combine(StmtKind::Write));
         }
-        return Some(executed(inner).combine(to_target(cur)));
+        return Some(inner.executed().combine(to_target(cur)));
     }
     let mut tok = Some(first);
     while let Some(t) = tok {
@@ -221,5 +196,5 @@ pub(crate) fn declare<'a>(
     } else {
         StmtKind::TxnScoped
     };
-    Some(executed(inner).combine(own))
+    Some(inner.executed().combine(own))
 }
