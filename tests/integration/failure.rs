@@ -173,3 +173,36 @@ async fn replica_down_reads_go_to_the_primary() {
         replica_port(&s)
     );
 }
+
+/// A backend that dies with FATAL while running the client's statement ends
+/// that connection only: the client gets an ERROR with the server's code
+/// and its session goes on (a fresh replica connection serves the next read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_fatal_mid_statement_is_an_error_not_the_end() {
+    let s = stack();
+    let c = client(&s).await;
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+    let killer = {
+        let kill = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                    WHERE usename = 'app' AND query LIKE '%pg_sleep(20)%' AND pid <> pg_backend_pid()";
+        let cluster = s.cluster();
+        async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::task::block_in_place(|| cluster.psql(Which::Replica, kill)).unwrap()
+        }
+    };
+    let (res, _) = tokio::join!(c.simple_query("SELECT pg_sleep(20)"), killer);
+    let e = res.unwrap_err();
+    let db = e
+        .as_db_error()
+        .expect("an ErrorResponse, not a closed connection");
+    assert_eq!(db.code().code(), "57P01");
+    assert_eq!(db.severity(), "ERROR", "the client's session is not ended");
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+}

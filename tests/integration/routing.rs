@@ -412,3 +412,29 @@ async fn per_request_settings_replay_the_last_value() {
         ("public", "99")
     );
 }
+
+/// What neither classifier stage can parse goes to the primary, is counted,
+/// and the server's own error reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unclassifiable_statements_go_to_the_primary_and_are_counted() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = stack();
+    let c = client(&s).await;
+    let stats = &s.proxy().shared().stats;
+    let (before_unclassified, before_primary) = (
+        stats.unclassified.load(Relaxed),
+        stats.routed_primary.load(Relaxed),
+    );
+    let e = c
+        .simple_query("SELEKT inet_server_port()")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "42601");
+    assert_eq!(stats.unclassified.load(Relaxed), before_unclassified + 1);
+    assert_eq!(stats.routed_primary.load(Relaxed), before_primary + 1);
+    // The session carries on, and reads still go to the replica.
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+}

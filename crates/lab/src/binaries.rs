@@ -114,17 +114,21 @@ impl PgBinaries {
     }
 }
 
-fn pg_config_bindir() -> Option<PathBuf> {
-    let out = Command::new("pg_config")
-        .arg("--bindir")
+/// What `program arg` prints on stdout, when it runs and succeeds.
+fn stdout_of(program: &Path, arg: &str) -> Option<String> {
+    let out = Command::new(program)
+        .arg(arg)
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
         .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let dir = String::from_utf8(out.stdout).ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn pg_config_bindir() -> Option<PathBuf> {
+    let dir = stdout_of(Path::new("pg_config"), "--bindir")?;
     let dir = dir.trim();
     (!dir.is_empty()).then(|| PathBuf::from(dir))
 }
@@ -147,16 +151,7 @@ fn debian_bindirs() -> Vec<PathBuf> {
 
 /// Parses `postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)` into `15.18`.
 fn server_version(bindir: &Path) -> Option<String> {
-    let out = Command::new(bindir.join("postgres"))
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    parse_version(&String::from_utf8_lossy(&out.stdout))
+    parse_version(&stdout_of(&bindir.join("postgres"), "--version")?)
 }
 
 fn parse_version(banner: &str) -> Option<String> {
