@@ -12,4 +12,5 @@ mod failure;
 mod pipeline;
 mod protocol;
 mod routing;
+mod session;
 mod tools;

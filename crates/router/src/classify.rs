@@ -30,7 +30,7 @@ use cursor::{Cursor, End};
 
 use crate::deep::Deep;
 use crate::functions::WriteFunctions;
-use crate::lexer::Lexer;
+use crate::lexer::{Lexer, Token};
 use crate::{Class, Stage, StmtKind};
 
 /// Settings of a [`Classifier`].
@@ -105,18 +105,35 @@ pub fn classify_lexical(sql: &str, extra_write_functions: &[String]) -> Option<C
     scan(sql, &WriteFunctions::new(extra_write_functions), |_| None)
 }
 
-/// Splits `sql` into statements, decides each lexically, asks `undecided`
-/// about the rest (by their own text), and combines the kinds. `None` when
-/// `undecided` had no answer.
-fn scan(
-    sql: &str,
-    fns: &WriteFunctions<'_>,
-    mut undecided: impl FnMut(&str) -> Option<StmtKind>,
-) -> Option<Class> {
+/// The text of each non-empty statement of `sql`, split at top-level `;`
+/// (never inside literals, quoted identifiers, comments or dollar quotes),
+/// without the `;`.
+///
+/// Off the hot path: the server uses it for the rare multi-statement
+/// string whose parts have different effects on the session.
+pub fn split(sql: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    each_statement(sql, |cur, first| {
+        cur.skip_rest();
+        out.push(
+            sql.get(first.start..cur.text_end())
+                .unwrap_or(sql)
+                .trim_end(),
+        );
+        Some(())
+    });
+    out
+}
+
+/// Calls `each` with a cursor on every non-empty statement of `sql` and
+/// the statement's first token; `each` reads the statement to its end.
+/// Returns the lexer past the last statement (it holds the hints), or
+/// `None` as soon as `each` does.
+fn each_statement<'a>(
+    sql: &'a str,
+    mut each: impl FnMut(&mut Cursor<'a>, Token<'a>) -> Option<()>,
+) -> Option<Lexer<'a>> {
     let mut lex = Lexer::new(sql);
-    let mut kind = StmtKind::Empty;
-    let mut statements = 0u32;
-    let mut stage = Stage::Lexer;
     loop {
         let mut cur = Cursor::statement(lex);
         let Some(first) = cur.next() else {
@@ -125,10 +142,27 @@ fn scan(
             if end == End::Semicolon {
                 continue;
             }
-            break;
+            return Some(lex);
         };
+        each(&mut cur, first)?;
+        lex = cur.into_lexer();
+    }
+}
+
+/// Splits `sql` into statements, decides each lexically, asks `undecided`
+/// about the rest (by their own text), and combines the kinds. `None` when
+/// `undecided` had no answer.
+fn scan(
+    sql: &str,
+    fns: &WriteFunctions<'_>,
+    mut undecided: impl FnMut(&str) -> Option<StmtKind>,
+) -> Option<Class> {
+    let mut kind = StmtKind::Empty;
+    let mut statements = 0u32;
+    let mut stage = Stage::Lexer;
+    let lex = each_statement(sql, |cur, first| {
         statements = statements.saturating_add(1);
-        let lexical = statement::classify(&mut cur, first, fns, 0);
+        let lexical = statement::classify(cur, first, fns, 0);
         cur.skip_rest();
         let decided = match lexical {
             Some(k) if !cur.unterminated() => k,
@@ -139,8 +173,8 @@ fn scan(
             }
         };
         kind = kind.combine(decided);
-        lex = cur.into_lexer();
-    }
+        Some(())
+    })?;
     Some(Class {
         kind,
         hint: lex.hint(),
@@ -166,6 +200,16 @@ mod tests {
     fn classifier_is_send_and_sync() {
         fn check<T: Send + Sync>() {}
         check::<Classifier>();
+    }
+
+    #[test]
+    fn split_keeps_semicolons_inside_literals() {
+        assert_eq!(
+            split("SET a = 1; SELECT ';' ; /* ; */ INSERT INTO t VALUES ($$;$$);;"),
+            ["SET a = 1", "SELECT ';'", "INSERT INTO t VALUES ($$;$$)"]
+        );
+        assert!(split(" ; -- x").is_empty());
+        assert_eq!(split("select 1"), ["select 1"]);
     }
 
     #[test]

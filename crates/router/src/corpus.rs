@@ -312,7 +312,7 @@ pub const CORPUS: &[(&str, StmtKind)] = &[
     ("DISCARD PLANS", Session),
     // Pins.
     ("LISTEN ch", Pin),
-    ("UNLISTEN *", Pin),
+    ("UNLISTEN *", Write),
     ("CREATE TEMP TABLE tmp (id int)", Pin),
     ("CREATE TEMPORARY TABLE tmp AS SELECT * FROM t", Pin),
     ("CREATE LOCAL TEMP TABLE tmp (id int) ON COMMIT DROP", Pin),

@@ -252,9 +252,8 @@ fn statement(stmt: &Statement, fns: &WriteFunctions<'_>) -> StmtKind {
         | Statement::Close { .. } => return TxnScoped,
         Statement::Set(set) => return set_kind(set),
         Statement::Reset(_) | Statement::Discard { .. } => return Session,
-        Statement::LISTEN { .. } | Statement::UNLISTEN { .. } | Statement::Load { .. } => {
-            return Pin
-        }
+        Statement::LISTEN { .. } | Statement::Load { .. } => return Pin,
+        Statement::UNLISTEN { .. } => return Write,
         Statement::Prepare { .. } => return Pin,
         Statement::Declare { stmts, .. } => {
             let hold = stmts.iter().any(|d| d.hold == Some(true));

@@ -40,7 +40,7 @@ pub mod route;
 #[cfg(any(test, feature = "corpus"))]
 pub mod corpus;
 
-pub use classify::{classify_lexical, Classifier, ClassifierConfig};
+pub use classify::{classify_lexical, split, Classifier, ClassifierConfig};
 
 /// Which kind of backend a statement (or a hint) asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -68,7 +68,7 @@ pub enum StmtKind {
     /// (`VACUUM`, `ANALYZE`, …), `LOCK`, `CALL`, `DO`, `NOTIFY`, locking
     /// `SELECT … FOR UPDATE/SHARE`, `SELECT … INTO`, data-modifying CTEs,
     /// `EXPLAIN ANALYZE` of a write, calls of writing functions, two-phase
-    /// commit commands, SQL-level `EXECUTE` and `DEALLOCATE`.
+    /// commit commands, SQL-level `EXECUTE` and `DEALLOCATE`, `UNLISTEN`.
     Write,
     /// `BEGIN` / `START TRANSACTION`; `read_only` is true when the last access
     /// mode given is `READ ONLY`.
@@ -90,7 +90,7 @@ pub enum StmtKind {
     /// `SET SESSION CHARACTERISTICS`, `DISCARD`.
     Session,
     /// Creates session state that cannot be moved to another backend, so the
-    /// session must stay on the primary: `LISTEN`, `UNLISTEN`, temporary
+    /// session must stay on the primary: `LISTEN`, temporary
     /// tables, views and sequences, `SELECT … INTO TEMP`, session advisory
     /// locks, `DECLARE … WITH HOLD`, SQL-level `PREPARE`, `LOAD`, and
     /// `set_config(…, false)`.

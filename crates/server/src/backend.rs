@@ -247,9 +247,26 @@ impl BackendConn {
     /// # Errors
     /// I/O or protocol errors (the connection is then unusable).
     pub async fn run_silent(&mut self, sql: &str) -> Result<Option<String>, BackendError> {
+        let mut ignored = Vec::new();
+        Ok(self.query_value(sql, &mut ignored).await?.err())
+    }
+
+    /// Runs a query of the proxy's own on an idle connection and returns
+    /// the first column of its first row (`None` for NULL or no row), or
+    /// the SQLSTATE it failed with. NotificationResponses that arrive in
+    /// the meantime belong to the client and are appended to `async_out`.
+    ///
+    /// # Errors
+    /// The connection failed or the server sent FATAL.
+    pub async fn query_value(
+        &mut self,
+        sql: &str,
+        async_out: &mut Vec<bytes::Bytes>,
+    ) -> Result<Result<Option<String>, String>, BackendError> {
         let mut w = BytesMut::new();
         encode::query(&mut w, sql);
         self.stream.write_all(&w).await?;
+        let mut value = None;
         let mut err = None;
         loop {
             let f = self.read_frame(usize::MAX >> 1).await?;
@@ -261,7 +278,16 @@ impl BackendConn {
                     }
                     err.get_or_insert_with(|| e.code.to_owned());
                 }
-                tag::backend::READY_FOR_QUERY => return Ok(err),
+                tag::backend::DATA_ROW if value.is_none() => {
+                    value = Some(first_column(f.body()));
+                }
+                tag::backend::NOTIFICATION_RESPONSE => async_out.push(f.into_bytes()),
+                tag::backend::READY_FOR_QUERY => {
+                    return Ok(match err {
+                        Some(code) => Err(code),
+                        None => Ok(value.flatten()),
+                    })
+                }
                 _ => {}
             }
         }
@@ -358,4 +384,12 @@ pub async fn send_cancel(
     tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel timed out"))?
+}
+
+/// The first column of a DataRow body as text (`None` for NULL).
+fn first_column(body: &[u8]) -> Option<String> {
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let len = usize::try_from(len).ok()?;
+    let v = body.get(6..6 + len)?;
+    Some(String::from_utf8_lossy(v).into_owned())
 }

@@ -46,11 +46,13 @@ const WRITES: &[&str] = &[
     "revoke",
     "security",
     "truncate",
+    // Ends listening, so it creates no state; a standby refuses it.
+    "unlisten",
     "vacuum",
 ];
 
 /// Leading keywords of statements that leave unmovable session state.
-const PINS: &[&str] = &["listen", "load", "unlisten"];
+const PINS: &[&str] = &["listen", "load"];
 
 /// Leading keywords of statements bound to the current transaction.
 const TXN_SCOPED: &[&str] = &["close", "fetch", "move", "release", "savepoint"];

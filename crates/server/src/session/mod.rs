@@ -10,6 +10,7 @@
 //! the router.
 
 mod batch;
+mod effects;
 mod memo;
 mod relay;
 mod settings;
@@ -37,6 +38,7 @@ use crate::config::User;
 use crate::error::Error;
 use crate::Shared;
 use batch::{Batch, Meta};
+use effects::Reset;
 use memo::Memo;
 use settings::SettingsLog;
 use statements::{idx, Statements};
@@ -89,6 +91,9 @@ pub(crate) struct Backend {
     dead: bool,
     /// SET statements of the cycle in flight, logged once it succeeds.
     sets_in_flight: Vec<String>,
+    /// Removals (DEALLOCATE, DISCARD ALL) of the cycle in flight, applied
+    /// to the session's view once it succeeds.
+    resets_in_flight: Vec<Reset>,
     /// Entries of the session's settings log applied on this connection.
     applied_sets: usize,
 }
@@ -104,6 +109,7 @@ impl Backend {
             errored: false,
             dead: false,
             sets_in_flight: Vec::new(),
+            resets_in_flight: Vec::new(),
             applied_sets: 0,
         }
     }
@@ -154,6 +160,12 @@ pub(crate) struct Session {
     /// until the client ends the block.
     virtual_failed: bool,
     pinned: bool,
+    /// A statement that may have released what pinned the session ran:
+    /// check on the primary before the next read is kept off the replica.
+    pin_check: bool,
+    /// The statement or batch being routed may release a pin: once it has
+    /// run, `pin_check` is set.
+    releasing: bool,
     /// The current batch was partly sent (Flush before Sync) to this backend.
     bound: Option<Target>,
     /// Discard client messages until Sync (after an error the proxy raised
@@ -178,6 +190,15 @@ pub(crate) struct Session {
     replica_retry_at: Option<Instant>,
     shutdown: CancellationToken,
 }
+
+/// Counts what pins a session to its primary connection: channels it
+/// listens on, temporary relations, session advisory locks, cursors
+/// `WITH HOLD` and SQL-level prepared statements.
+const PIN_PROBE: &str = "SELECT (SELECT count(*) FROM pg_listening_channels()) \
+     + (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()) \
+     + (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory') \
+     + (SELECT count(*) FROM pg_cursors WHERE is_holdable) \
+     + (SELECT count(*) FROM pg_prepared_statements WHERE from_sql)";
 
 /// COPY data is written to the server at least this often.
 const COPY_FLUSH_BYTES: usize = 256 * 1024;
@@ -214,6 +235,8 @@ impl Session {
             txn: None,
             virtual_failed: false,
             pinned: false,
+            pin_check: false,
+            releasing: false,
             bound: None,
             skip_until_sync: false,
             copy_in: None,
@@ -419,6 +442,9 @@ impl Session {
             t::PARSE => {
                 let p = Parse::parse(f.body())?;
                 let class = self.classify(p.sql);
+                if (self.pinned || class.kind == StmtKind::Pin) && effects::may_unpin(p.sql) {
+                    self.releasing = true;
+                }
                 self.shared.stats.count_class(&class);
                 self.batch.add_class(class);
                 let name_end = p.name.len();
@@ -520,7 +546,24 @@ impl Session {
             self.answer_failed_block(class.kind, None);
             return Ok(());
         }
-        let sets = (class.kind == StmtKind::Session).then(|| sql.to_owned());
+        let fx = effects::of_query(sql, &class);
+        if (self.pinned || class.kind == StmtKind::Pin) && effects::may_unpin(sql) {
+            self.releasing = true;
+        }
+        if let [Reset::Deallocate(name)] = fx.resets.as_slice() {
+            if class.statements == 1 && self.stmts.get(name).is_some() {
+                // A protocol-level statement lives on whichever backends
+                // needed it: the proxy closes it there itself.
+                let name = name.clone();
+                self.drain_all().await?;
+                if self.client_status() != TxStatus::Failed {
+                    self.stmts.close_everywhere(&name);
+                    self.push_own(|b| encode::command_complete(b, "DEALLOCATE"));
+                    self.push_ready();
+                    return Ok(());
+                }
+            }
+        }
         let target = match self.target_for(&class).await {
             Ok(t) => t,
             Err(e) => {
@@ -538,7 +581,8 @@ impl Session {
             extended: false,
             commits: class.kind == StmtKind::Commit,
         });
-        b.sets_in_flight.extend(sets);
+        b.sets_in_flight.extend(fx.sets);
+        b.resets_in_flight.extend(fx.resets);
         self.cancel.set(Some(b.running()));
         // A simple query ends the unnamed prepared statement on that server,
         // and ends an extended-protocol batch sent in part before it.
@@ -554,6 +598,15 @@ impl Session {
         // on the other backend can change the decision (its ReadyForQuery may
         // open or end a block), so that backend is drained first and the
         // decision taken again. Batches to the same backend stay pipelined.
+        if self.pin_check && self.txn.is_none() && self.bound.is_none() {
+            let unpinned = SessionState {
+                pinned: false,
+                ..self.state()
+            };
+            if route::route(class, &unpinned).choice != Choice::Primary {
+                self.recheck_pin().await?;
+            }
+        }
         let (decision, wanted) = loop {
             let decision = route::route(class, &self.state());
             let wanted = self.resolve(decision.choice);
@@ -569,9 +622,42 @@ impl Session {
         if decision.pin {
             self.pinned = true;
         }
+        if std::mem::take(&mut self.releasing) && self.pinned {
+            self.pin_check = true;
+        }
         debug!(target = ?target, reason = decision.reason.as_str(), kind = ?class.kind, "routed");
         self.prepare_backend(target).await?;
         Ok(target)
+    }
+
+    /// Asks the primary whether the state that pinned the session is still
+    /// there; unpins it when nothing is left.
+    async fn recheck_pin(&mut self) -> Result<(), Error> {
+        self.pin_check = false;
+        if !self.pinned {
+            return Ok(());
+        }
+        self.drain(Target::Primary).await?;
+        let Some(b) = self.backends[idx(Target::Primary)].as_mut() else {
+            return Ok(());
+        };
+        let mut notifications = Vec::new();
+        let res = b.conn.query_value(PIN_PROBE, &mut notifications).await;
+        self.out.extend(notifications);
+        match res {
+            Ok(Ok(Some(n))) if n == "0" => {
+                debug!("pinned state released; reads return to the replica");
+                self.pinned = false;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(code)) => warn!(code, "checking the session's pin failed"),
+            Err(_) => {
+                self.backends[idx(Target::Primary)] = None;
+                self.stmts.forget_backend(Target::Primary);
+                return Err(Error::PinnedStateLost);
+            }
+        }
+        Ok(())
     }
 
     /// Relays everything both backends still owe the client, before the
@@ -627,9 +713,10 @@ impl Session {
                         sql,
                         class,
                     } => {
-                        if class.kind == StmtKind::Session {
-                            b.sets_in_flight
-                                .push(batch::text(f, sql.0, sql.1).to_owned());
+                        if matches!(class.kind, StmtKind::Session | StmtKind::Write) {
+                            let fx = effects::of_query(batch::text(f, sql.0, sql.1), &class);
+                            b.sets_in_flight.extend(fx.sets);
+                            b.resets_in_flight.extend(fx.resets);
                         }
                         let name = batch::text(f, 0, name_end);
                         let existed = !name.is_empty() && self.stmts.get(name).is_some();

@@ -13,7 +13,7 @@ use pgsplit_router::Target;
 use tracing::{debug, warn};
 
 use super::statements::idx;
-use super::{CopyIn, Expect, Session};
+use super::{CopyIn, Expect, Reset, Session};
 use crate::error::Error;
 
 /// Backend messages the relay must see whole are small; a larger one of
@@ -201,6 +201,21 @@ impl Session {
         let ok = !b.errored;
         b.errored = false;
         let mut sets = std::mem::take(&mut b.sets_in_flight);
+        let resets = std::mem::take(&mut b.resets_in_flight);
+        if ok {
+            for r in resets {
+                match r {
+                    Reset::DiscardAll => {
+                        self.stmts.discard_all();
+                        self.pinned = false;
+                        self.pin_check = false;
+                    }
+                    Reset::Deallocate(name) => self.stmts.close(&name, t),
+                    Reset::DeallocateAll => self.stmts.close_all(t),
+                }
+            }
+        }
+        let b = self.backends[idx(t)].as_mut().expect("exists");
         match status {
             TxStatus::Idle => {
                 if self.txn == Some(t) {

@@ -132,6 +132,37 @@ impl Statements {
         }
     }
 
+    /// The proxy deallocates `name` for the client itself: every backend
+    /// holding a copy closes it before its next use.
+    pub fn close_everywhere(&mut self, name: &str) {
+        if let Some(s) = self.remove(name) {
+            for (i, on) in s.on.into_iter().enumerate() {
+                if on && !name.is_empty() {
+                    self.zombies[i].push(name.to_owned());
+                }
+            }
+        }
+    }
+
+    /// `DEALLOCATE ALL` ran on `t`: every named statement is gone for the
+    /// client; copies on the other backend become zombies.
+    pub fn close_all(&mut self, t: Target) {
+        let other = 1 - idx(t);
+        for (name, s) in self.map.drain() {
+            if s.on[other] {
+                self.zombies[other].push(name);
+            }
+        }
+    }
+
+    /// `DISCARD ALL`: nothing is left; the other backend replays the same
+    /// `DISCARD ALL` (it is in the settings log) before its next use.
+    pub fn discard_all(&mut self) {
+        self.map.clear();
+        self.unnamed = None;
+        self.zombies = Default::default();
+    }
+
     /// Takes the zombies to close on `t` before sending it anything.
     pub fn take_zombies(&mut self, t: Target) -> Vec<String> {
         std::mem::take(&mut self.zombies[idx(t)])

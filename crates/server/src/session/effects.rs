@@ -1,0 +1,231 @@
+//! What a statement does to the virtual session besides its result:
+//! settings to log and replay elsewhere, prepared statements it removes,
+//! pinned state it may release.
+//!
+//! Decided from the SQL text, and only for statements that are not plain
+//! reads, so the hot path never comes here. A multi-statement string is
+//! split ([`pgsplit_router::split`]) so that `SET a = 1; INSERT …` logs
+//! the SET alone, and a driver's reset string (`…; RESET ALL`) clears the
+//! settings it reset.
+
+use pgsplit_router::{classify_lexical, split, Class, StmtKind};
+
+/// Removals the proxy applies to its own view of the session once the
+/// statement has succeeded on a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Reset {
+    /// `DISCARD ALL`: no prepared statements, no pinned state left.
+    DiscardAll,
+    /// `DEALLOCATE name` (the name as the server resolves it).
+    Deallocate(String),
+    /// `DEALLOCATE ALL`.
+    DeallocateAll,
+}
+
+/// The effects of one query string.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Effects {
+    /// Session-level SET/RESET/DISCARD statements, each on its own.
+    pub sets: Vec<String>,
+    pub resets: Vec<Reset>,
+}
+
+impl Effects {
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.sets.is_empty() && self.resets.is_empty()
+    }
+}
+
+/// The effects of the simple-protocol query `sql` classified as `class`.
+pub(super) fn of_query(sql: &str, class: &Class) -> Effects {
+    let mut fx = Effects::default();
+    if matches!(class.kind, StmtKind::Read | StmtKind::Empty) {
+        return fx;
+    }
+    if class.statements <= 1 {
+        add_statement(&mut fx, sql.trim(), class.kind);
+        return fx;
+    }
+    for part in split(sql) {
+        if let Some(c) = classify_lexical(part, &[]) {
+            add_statement(&mut fx, part, c.kind);
+        } else if first_word_is(part, "deallocate") {
+            add_statement(&mut fx, part, StmtKind::Write);
+        }
+    }
+    fx
+}
+
+fn add_statement(fx: &mut Effects, stmt: &str, kind: StmtKind) {
+    match kind {
+        StmtKind::Session => {
+            let stmt = stmt.trim_end_matches(';').trim_end();
+            if is_discard_all(stmt) {
+                fx.resets.push(Reset::DiscardAll);
+            }
+            fx.sets.push(stmt.to_owned());
+        }
+        StmtKind::Write => {
+            if let Some(r) = deallocate(stmt) {
+                fx.resets.push(r);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn words(sql: &str) -> impl Iterator<Item = &str> {
+    sql.split(|c: char| c.is_ascii_whitespace() || c == ';')
+        .filter(|w| !w.is_empty())
+}
+
+fn first_word_is(sql: &str, kw: &str) -> bool {
+    words(sql)
+        .next()
+        .is_some_and(|w| w.eq_ignore_ascii_case(kw))
+}
+
+fn is_discard_all(stmt: &str) -> bool {
+    let mut w = words(stmt);
+    w.next().is_some_and(|x| x.eq_ignore_ascii_case("discard"))
+        && w.next().is_some_and(|x| x.eq_ignore_ascii_case("all"))
+}
+
+/// `DEALLOCATE [PREPARE] { name | "name" | ALL }`.
+pub(super) fn deallocate(stmt: &str) -> Option<Reset> {
+    let rest = stmt.trim_start();
+    let rest = strip_keyword(rest, "deallocate")?;
+    let rest = strip_keyword(rest, "prepare").unwrap_or(rest);
+    let rest = rest.trim_end().trim_end_matches(';').trim_end();
+    if rest.eq_ignore_ascii_case("all") {
+        return Some(Reset::DeallocateAll);
+    }
+    identifier(rest).map(Reset::Deallocate)
+}
+
+fn strip_keyword<'a>(s: &'a str, kw: &str) -> Option<&'a str> {
+    let s = s.trim_start();
+    let head = s.get(..kw.len())?;
+    let tail = &s[kw.len()..];
+    (head.eq_ignore_ascii_case(kw) && tail.starts_with(|c: char| c.is_ascii_whitespace()))
+        .then_some(tail.trim_start())
+}
+
+/// An SQL identifier as the server resolves it: quoted ones verbatim (with
+/// `""` unescaped), bare ones folded to lower case.
+fn identifier(s: &str) -> Option<String> {
+    if let Some(inner) = s.strip_prefix('"').and_then(|x| x.strip_suffix('"')) {
+        if inner.is_empty() {
+            return None;
+        }
+        return Some(inner.replace("\"\"", "\""));
+    }
+    let ok = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '$');
+    ok.then(|| s.to_lowercase())
+}
+
+/// Whether a statement run while the session is pinned may have released
+/// what pinned it (so the proxy checks before keeping reads off the
+/// replica). Over-reporting costs one query on the primary; missing a
+/// release only keeps the session pinned.
+pub(super) fn may_unpin(sql: &str) -> bool {
+    const RELEASING: &[&str] = &[
+        "unlisten",
+        "discard",
+        "drop",
+        "close",
+        "deallocate",
+        "commit",
+        "rollback",
+        "end",
+        "abort",
+    ];
+    let bytes = sql.as_bytes();
+    let unlock = bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"unlock"));
+    unlock
+        || split(sql).iter().any(|stmt| {
+            words(stmt)
+                .next()
+                .is_some_and(|w| RELEASING.iter().any(|k| w.eq_ignore_ascii_case(k)))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgsplit_router::{Classifier, ClassifierConfig};
+
+    fn fx(sql: &str) -> Effects {
+        let class = Classifier::new(ClassifierConfig::default()).classify(sql);
+        of_query(sql, &class)
+    }
+
+    #[test]
+    fn single_settings_are_logged_whole() {
+        assert_eq!(fx("SET search_path = a").sets, ["SET search_path = a"]);
+        assert_eq!(fx("RESET ALL;").sets, ["RESET ALL"]);
+        assert!(fx("SELECT 1").is_empty());
+        assert!(fx("SET LOCAL a.b = 1").is_empty());
+    }
+
+    #[test]
+    fn settings_are_picked_out_of_mixed_strings() {
+        let f = fx("SET app.user = 7; INSERT INTO t VALUES (1); SELECT 2");
+        assert_eq!(f.sets, ["SET app.user = 7"]);
+        // The reset string of a connection pool.
+        let f = fx("SELECT pg_advisory_unlock_all(); CLOSE ALL; \
+                    DO $$ BEGIN PERFORM 1; END $$; RESET ALL;");
+        assert_eq!(f.sets, ["RESET ALL"]);
+        let f = fx("SET a.b = 1; SELECT ';'; DISCARD ALL");
+        assert_eq!(f.sets, ["SET a.b = 1", "DISCARD ALL"]);
+        assert_eq!(f.resets, [Reset::DiscardAll]);
+    }
+
+    #[test]
+    fn deallocate_names_resolve_as_the_server_does() {
+        assert_eq!(
+            deallocate("DEALLOCATE s1"),
+            Some(Reset::Deallocate("s1".into()))
+        );
+        assert_eq!(
+            deallocate("deallocate prepare Foo;"),
+            Some(Reset::Deallocate("foo".into()))
+        );
+        assert_eq!(
+            deallocate(r#"DEALLOCATE "My""Stmt""#),
+            Some(Reset::Deallocate("My\"Stmt".into()))
+        );
+        assert_eq!(deallocate("DEALLOCATE ALL"), Some(Reset::DeallocateAll));
+        assert_eq!(
+            deallocate("DEALLOCATE PREPARE ALL"),
+            Some(Reset::DeallocateAll)
+        );
+        assert_eq!(deallocate("DEALLOCATE"), None);
+        assert_eq!(deallocate("DEALLOCATE a b"), None);
+        assert_eq!(fx("DEALLOCATE x").resets, [Reset::Deallocate("x".into())]);
+        assert_eq!(
+            fx("SELECT 1; DEALLOCATE ALL").resets,
+            [Reset::DeallocateAll]
+        );
+    }
+
+    #[test]
+    fn releasing_statements_are_noticed() {
+        for sql in [
+            "UNLISTEN *",
+            "SELECT pg_advisory_unlock(1)",
+            "drop table tmp",
+            "COMMIT",
+            "select 1; discard temp",
+            "CLOSE c",
+        ] {
+            assert!(may_unpin(sql), "{sql}");
+        }
+        for sql in ["SELECT 1", "INSERT INTO t VALUES ('drop')", "LISTEN x"] {
+            assert!(!may_unpin(sql), "{sql}");
+        }
+    }
+}
