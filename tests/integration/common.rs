@@ -15,6 +15,30 @@ pub fn stack_with(opts: StackOptions) -> Stack {
     tokio::task::block_in_place(|| Stack::start(opts)).expect("lab stack starts")
 }
 
+/// A stack whose sessions do not follow their writes to the primary:
+/// for tests about something else that expect every read outside a block
+/// on the replica right after a write.
+pub fn stack_without_read_your_writes() -> Stack {
+    stack_with(StackOptions {
+        set: vec!["routing.read_your_writes=off".into()],
+        ..Default::default()
+    })
+}
+
+/// Reads until one runs on the replica, within 5 s: in `lsn` mode a
+/// session's reads return there once the replica has replayed its last
+/// write.
+pub async fn back_on_replica(stack: &Stack, c: &Client) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while port_of(c, "SELECT inet_server_port()").await != replica_port(stack) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reads did not return to the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Connects a tokio-postgres client through the proxy.
 pub async fn client(stack: &Stack) -> Client {
     connect(&stack.conn_string())

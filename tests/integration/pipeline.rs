@@ -64,7 +64,7 @@ async fn a_statement_prepared_in_the_same_pipeline_is_routed_by_its_class() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_move_between_backends_without_duplicates() {
-    let s = stack();
+    let s = stack_without_read_your_writes();
     let mut raw = Raw::login(&s).await;
     // s1 prepared inside a block (on the primary).
     let mut b = BytesMut::new();

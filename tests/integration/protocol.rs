@@ -140,7 +140,7 @@ async fn cancel_reaches_the_running_statement() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_extended_batches_and_flush() {
-    let s = stack();
+    let s = stack_without_read_your_writes();
     let mut raw = Raw::login(&s).await;
     // Parse + Describe + Flush of a read, answered before any Sync.
     let mut b = BytesMut::new();

@@ -20,7 +20,7 @@ const PORT: &str = "SELECT inet_server_port()";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pins_are_released_when_their_state_is_gone() {
-    let s = stack();
+    let s = stack_without_read_your_writes();
     let (p, r) = (primary_port(&s), replica_port(&s));
     let c = client(&s).await;
 
@@ -114,7 +114,7 @@ async fn notifications_still_arrive_after_a_pin_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discard_all_clears_the_virtual_session() {
-    let s = stack();
+    let s = stack_without_read_your_writes();
     let (p, r) = (primary_port(&s), replica_port(&s));
     let mut raw = Raw::login(&s).await;
     let mut b = BytesMut::new();
@@ -155,7 +155,7 @@ async fn discard_all_clears_the_virtual_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deallocate_of_a_protocol_statement_works_wherever_it_lives() {
-    let s = stack();
+    let s = stack_without_read_your_writes();
     let mut raw = Raw::login(&s).await;
     let mut b = BytesMut::new();
     // Prepared (and run) on the replica only.
@@ -196,7 +196,7 @@ async fn deallocate_of_a_protocol_statement_works_wherever_it_lives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_inside_a_writing_string_are_replayed() {
-    let s = stack();
+    let s = stack_without_read_your_writes();
     let r = replica_port(&s);
     let c = client(&s).await;
     c.batch_execute("CREATE TABLE mixed (x int)").await.unwrap();

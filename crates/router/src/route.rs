@@ -15,6 +15,20 @@ pub struct SessionState {
     /// Part of the current extended-protocol batch was already sent (a
     /// Flush came before Sync), so the rest must follow it.
     pub bound: Option<Target>,
+    /// Whether the replica may serve this session's reads.
+    pub replica: Freshness,
+}
+
+/// The replica as one session's reads see it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Freshness {
+    /// Within the staleness bound and caught up with the session.
+    #[default]
+    Fresh,
+    /// Has not replayed the session's last write yet.
+    BehindWrites,
+    /// Past the staleness bound, down or not replaying.
+    Stale,
 }
 
 /// Where a statement goes.
@@ -39,6 +53,8 @@ pub enum Reason {
     ReadOnlyTransaction,
     Unclassified,
     Anywhere,
+    ReadYourWrites,
+    Stale,
 }
 
 impl Reason {
@@ -54,6 +70,8 @@ impl Reason {
             Reason::ReadOnlyTransaction => "read_only_transaction",
             Reason::Unclassified => "unclassified",
             Reason::Anywhere => "anywhere",
+            Reason::ReadYourWrites => "read_your_writes",
+            Reason::Stale => "stale_replica",
         }
     }
 }
@@ -93,8 +111,10 @@ pub fn combine(a: &Class, b: &Class) -> Class {
 ///
 /// Order of precedence: a batch already bound to a backend, the backend
 /// of an open transaction block, a pinned session, a comment hint (a
-/// replica hint never moves a statement that needs the primary), then the
-/// statement's own class.
+/// replica hint never moves a statement that needs the primary, and it
+/// accepts a replica that is behind), then the statement's own class,
+/// where a read goes to the primary while the replica is behind the
+/// session's writes or stale.
 pub fn route(class: &Class, s: &SessionState) -> Decision {
     let pin = class.kind == StmtKind::Pin;
     let d = |choice, reason| Decision {
@@ -120,9 +140,14 @@ pub fn route(class: &Class, s: &SessionState) -> Decision {
         }
         _ => {}
     }
+    let read = |reason| match s.replica {
+        Freshness::Fresh => d(Choice::Replica, reason),
+        Freshness::BehindWrites => d(Choice::Primary, Reason::ReadYourWrites),
+        Freshness::Stale => d(Choice::Primary, Reason::Stale),
+    };
     match class.kind {
-        StmtKind::Empty | StmtKind::Read => d(Choice::Replica, Reason::Read),
-        StmtKind::Begin { read_only: true } => d(Choice::Replica, Reason::ReadOnlyTransaction),
+        StmtKind::Empty | StmtKind::Read => read(Reason::Read),
+        StmtKind::Begin { read_only: true } => read(Reason::ReadOnlyTransaction),
         StmtKind::Begin { read_only: false } | StmtKind::Write | StmtKind::Pin => {
             d(Choice::Primary, Reason::Write)
         }
@@ -223,6 +248,45 @@ mod tests {
         );
     }
 
+    #[test]
+    fn reads_follow_writes_and_avoid_a_stale_replica() {
+        let behind = SessionState {
+            replica: Freshness::BehindWrites,
+            ..Default::default()
+        };
+        let d = route(&class(StmtKind::Read, None), &behind);
+        assert_eq!(
+            (d.choice, d.reason),
+            (Choice::Primary, Reason::ReadYourWrites)
+        );
+        let d = route(&class(StmtKind::Begin { read_only: true }, None), &behind);
+        assert_eq!(d.choice, Choice::Primary);
+        let stale = SessionState {
+            replica: Freshness::Stale,
+            ..Default::default()
+        };
+        let d = route(&class(StmtKind::Read, None), &stale);
+        assert_eq!((d.choice, d.reason), (Choice::Primary, Reason::Stale));
+        // Settings still go anywhere; an explicit replica hint is obeyed.
+        assert_eq!(
+            route(&class(StmtKind::Session, None), &stale).choice,
+            Choice::AnyOpen
+        );
+        assert_eq!(
+            route(&class(StmtKind::Read, Some(Target::Replica)), &behind).choice,
+            Choice::Replica
+        );
+        // An open block on the replica keeps it.
+        let s = SessionState {
+            txn: Some(Target::Replica),
+            ..behind
+        };
+        assert_eq!(
+            route(&class(StmtKind::Read, None), &s).choice,
+            Choice::Replica
+        );
+    }
+
     fn any_kind() -> impl Strategy<Value = StmtKind> {
         prop_oneof![
             Just(StmtKind::Empty),
@@ -264,7 +328,7 @@ mod tests {
         /// An open block or a bound batch always stays on its backend.
         #[test]
         fn blocks_stay_on_their_backend(kind in any_kind(), hint in any_target(), t in any_target(), b in any_target()) {
-            let s = SessionState { txn: t, bound: b, pinned: false };
+            let s = SessionState { txn: t, bound: b, ..Default::default() };
             let d = route(&class(kind, hint), &s);
             if let Some(b) = b {
                 prop_assert_eq!(d.choice, to(b));

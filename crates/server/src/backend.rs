@@ -248,21 +248,22 @@ impl BackendConn {
     /// I/O or protocol errors (the connection is then unusable).
     pub async fn run_silent(&mut self, sql: &str) -> Result<Option<String>, BackendError> {
         let mut ignored = Vec::new();
-        Ok(self.query_value(sql, &mut ignored).await?.err())
+        Ok(self.query_row(sql, &mut ignored).await?.err())
     }
 
     /// Runs a query of the proxy's own on an idle connection and returns
-    /// the first column of its first row (`None` for NULL or no row), or
-    /// the SQLSTATE it failed with. NotificationResponses that arrive in
-    /// the meantime belong to the client and are appended to `async_out`.
+    /// the columns of its first row as text (`None` for NULL; empty when
+    /// there is no row), or the SQLSTATE it failed with.
+    /// NotificationResponses that arrive in the meantime belong to the
+    /// client and are appended to `async_out`.
     ///
     /// # Errors
     /// The connection failed or the server sent FATAL.
-    pub async fn query_value(
+    pub async fn query_row(
         &mut self,
         sql: &str,
         async_out: &mut Vec<bytes::Bytes>,
-    ) -> Result<Result<Option<String>, String>, BackendError> {
+    ) -> Result<Result<Vec<Option<String>>, String>, BackendError> {
         let mut w = BytesMut::new();
         encode::query(&mut w, sql);
         self.stream.write_all(&w).await?;
@@ -279,13 +280,13 @@ impl BackendConn {
                     err.get_or_insert_with(|| e.code.to_owned());
                 }
                 tag::backend::DATA_ROW if value.is_none() => {
-                    value = Some(first_column(f.body()));
+                    value = Some(columns(f.body()));
                 }
                 tag::backend::NOTIFICATION_RESPONSE => async_out.push(f.into_bytes()),
                 tag::backend::READY_FOR_QUERY => {
                     return Ok(match err {
                         Some(code) => Err(code),
-                        None => Ok(value.flatten()),
+                        None => Ok(value.unwrap_or_default()),
                     })
                 }
                 _ => {}
@@ -386,10 +387,27 @@ pub async fn send_cancel(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel timed out"))?
 }
 
-/// The first column of a DataRow body as text (`None` for NULL).
-fn first_column(body: &[u8]) -> Option<String> {
-    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
-    let len = usize::try_from(len).ok()?;
-    let v = body.get(6..6 + len)?;
-    Some(String::from_utf8_lossy(v).into_owned())
+/// The columns of a DataRow body as text (`None` for NULL).
+fn columns(body: &[u8]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    let Some(n) = body.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+        return out;
+    };
+    let mut at = 2;
+    for _ in 0..n {
+        let Some(len) = body.get(at..at + 4) else {
+            break;
+        };
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        at += 4;
+        match usize::try_from(len) {
+            Ok(len) => {
+                let v = body.get(at..at + len).unwrap_or_default();
+                out.push(Some(String::from_utf8_lossy(v).into_owned()));
+                at += len;
+            }
+            Err(_) => out.push(None),
+        }
+    }
+    out
 }

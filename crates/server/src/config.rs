@@ -49,6 +49,7 @@ pub struct Config {
     pub workers: usize,
     pub timeouts: Timeouts,
     pub routing: Routing,
+    pub monitor: Monitor,
     /// Users clients may log in as.
     pub users: Vec<User>,
 }
@@ -70,6 +71,7 @@ impl Default for Config {
             workers: 0,
             timeouts: Timeouts::default(),
             routing: Routing::default(),
+            monitor: Monitor::default(),
             users: Vec::new(),
         }
     }
@@ -125,6 +127,19 @@ pub struct Routing {
     pub batch_buffer_bytes: usize,
     /// Capacity of the cache for statements the full parser had to decide.
     pub parse_cache_entries: usize,
+    /// How a session reads its own writes (see [`ReadYourWrites`]).
+    pub read_your_writes: ReadYourWrites,
+    /// In `window` mode, how long after a write the session's reads stay
+    /// on the primary.
+    #[serde(deserialize_with = "duration")]
+    pub read_your_writes_window: Duration,
+    /// Reads avoid a replica lagging more than this (per session:
+    /// `SET pgsplit.max_staleness`).
+    #[serde(deserialize_with = "duration")]
+    pub max_replica_lag: Duration,
+    /// What a read does when the replica is past the bound, down or not
+    /// replaying.
+    pub on_stale: OnStale,
 }
 
 impl Default for Routing {
@@ -133,6 +148,90 @@ impl Default for Routing {
             write_functions: Vec::new(),
             batch_buffer_bytes: 256 * 1024,
             parse_cache_entries: 1024,
+            read_your_writes: ReadYourWrites::Lsn,
+            read_your_writes_window: Duration::from_secs(1),
+            max_replica_lag: Duration::from_secs(5),
+            on_stale: OnStale::Primary,
+        }
+    }
+}
+
+/// When a session's reads follow its writes to the primary.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadYourWrites {
+    /// Until the replica has replayed the WAL position of the session's
+    /// last committed write; then back to the replica.
+    #[default]
+    Lsn,
+    /// Every read after the session's first write.
+    Session,
+    /// For `read_your_writes_window` after each write.
+    Window,
+    /// Never: reads always go to the replica.
+    Off,
+}
+
+impl ReadYourWrites {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadYourWrites::Lsn => "lsn",
+            ReadYourWrites::Session => "session",
+            ReadYourWrites::Window => "window",
+            ReadYourWrites::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for ReadYourWrites {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "lsn" => Ok(ReadYourWrites::Lsn),
+            "session" => Ok(ReadYourWrites::Session),
+            "window" => Ok(ReadYourWrites::Window),
+            "off" => Ok(ReadYourWrites::Off),
+            _ => Err(()),
+        }
+    }
+}
+
+/// What a read does when the replica is stale.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStale {
+    /// Go to the primary; if it is unreachable, serve from the replica
+    /// with a warning.
+    #[default]
+    Primary,
+    /// Serve from the replica anyway, with a warning.
+    Replica,
+    /// Refuse the read.
+    Error,
+}
+
+/// The replication monitor.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Monitor {
+    /// How often the WAL positions of both servers are polled.
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    /// Login for the monitor's connections; defaults to the first user's
+    /// server credentials.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// Database the monitor connects to.
+    pub database: String,
+}
+
+impl Default for Monitor {
+    fn default() -> Self {
+        Monitor {
+            interval: Duration::from_millis(100),
+            user: None,
+            password: None,
+            database: "postgres".into(),
         }
     }
 }
@@ -343,6 +442,9 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if self.monitor.interval < Duration::from_millis(10) {
+            return Err(invalid("monitor.interval", "must be at least 10ms"));
+        }
         if self.routing.batch_buffer_bytes == 0 {
             return Err(invalid(
                 "routing.batch_buffer_bytes",
@@ -382,6 +484,19 @@ impl Config {
             }
         }
         Ok(self)
+    }
+
+    /// The monitor's backend login: `[monitor] user`/`password`, else the
+    /// first user's server credentials.
+    pub fn monitor_login(&self) -> Option<(String, Option<String>)> {
+        if let Some(u) = &self.monitor.user {
+            return Some((u.clone(), self.monitor.password.clone()));
+        }
+        let u = self.users.first()?;
+        Some((
+            u.backend_user().to_owned(),
+            u.backend_password().map(str::to_owned),
+        ))
     }
 
     /// Looks a user up by name.

@@ -9,6 +9,7 @@ use pgsplit_protocol::ProtoError;
 use pgsplit_router::Target;
 
 use crate::backend::BackendError;
+use crate::replication::Stale;
 
 /// Everything that can go wrong in a session.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +74,36 @@ pub enum Error {
     /// Not implemented yet: refused rather than done wrong.
     #[error("{0} is not supported by pgsplit")]
     NotSupported(&'static str),
+    #[error("unrecognized configuration parameter \"pgsplit.{0}\"")]
+    UnknownVariable(String),
+    #[error("invalid value for parameter \"pgsplit.{name}\": \"{value}\"")]
+    InvalidVariable {
+        name: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("parameter \"pgsplit.{0}\" cannot be changed")]
+    ReadOnlyVariable(String),
+    /// `on_stale = "error"` and the replica is past the session's bound.
+    #[error("read refused: {0} (max staleness {1:?})")]
+    StaleReplica(Stale, std::time::Duration),
+}
+
+/// Warnings the proxy sends the client (NoticeResponse, SQLSTATE 01000)
+/// when it served a read it would rather not have.
+#[derive(Debug, thiserror::Error)]
+pub enum Warning {
+    #[error("pgsplit: read served by a stale replica: {0}")]
+    ServedStale(Stale),
+    #[error("pgsplit: primary unreachable; read served by the replica, which has not replayed this session's last write")]
+    ServedBehindWrites,
+}
+
+impl Warning {
+    /// Appends this warning as a NoticeResponse.
+    pub fn write_to(&self, buf: &mut BytesMut) {
+        encode::notice_response(buf, Severity::Warning, WARNING, &self.to_string());
+    }
 }
 
 /// "primary" / "replica", for messages.
@@ -111,6 +142,10 @@ impl Error {
             }
             Error::NotSupported(_) => (Severity::Error, FEATURE_NOT_SUPPORTED),
             Error::InFailedBlock => (Severity::Error, IN_FAILED_SQL_TRANSACTION),
+            Error::UnknownVariable(_) => (Severity::Error, UNDEFINED_OBJECT),
+            Error::InvalidVariable { .. } => (Severity::Error, INVALID_PARAMETER_VALUE),
+            Error::ReadOnlyVariable(_) => (Severity::Error, CANT_CHANGE_RUNTIME_PARAM),
+            Error::StaleReplica(..) => (Severity::Error, OBJECT_NOT_IN_PREREQUISITE_STATE),
         }
     }
 
@@ -120,6 +155,12 @@ impl Error {
             Error::PrimaryUnreachable(cause) | Error::NothingReachable(cause) => {
                 Some(format!("cause: {cause}"))
             }
+            Error::InvalidVariable { expected, .. } => Some(format!("expected {expected}")),
+            Error::StaleReplica(..) => Some(
+                "SET pgsplit.max_staleness to accept older data, or send the read to the \
+                 primary with /* pgsplit:primary */"
+                    .into(),
+            ),
             _ => None,
         }
     }

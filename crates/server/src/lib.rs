@@ -10,6 +10,8 @@
 //! - [`cancel`]: the client cancel keys and where each points now.
 //! - [`error`]: the proxy's errors and their SQLSTATEs, in one place.
 //! - [`stats`]: counters of routing decisions.
+//! - `monitor` polls both servers' WAL positions into [`replication`],
+//!   which sessions read to keep reads consistent and fresh.
 //! - [`stream`]: backend sockets, TCP or unix-domain.
 //!
 //! A client connection flows listener → auth → session; the session asks
@@ -21,6 +23,8 @@ pub mod cancel;
 pub mod config;
 pub mod error;
 mod listener;
+mod monitor;
+pub mod replication;
 mod session;
 pub mod stats;
 pub mod stream;
@@ -43,6 +47,8 @@ pub struct Shared {
     pub secrets: auth::Secrets,
     pub cancels: Arc<cancel::CancelRegistry>,
     pub stats: stats::Stats,
+    /// Replica lag and positions, kept by the monitor.
+    pub replication: replication::Replication,
 }
 
 impl Shared {
@@ -56,6 +62,7 @@ impl Shared {
             classifier,
             cancels: Arc::default(),
             stats: stats::Stats::default(),
+            replication: replication::Replication::default(),
             config,
         }
     }
@@ -154,6 +161,7 @@ fn run_worker(
             let addr = listener.local_addr()?;
             info!(%addr, primary = %shared.config.primary, replica = %shared.config.replica,
                   workers = senders.len(), "pgsplit listening");
+            tokio::spawn(monitor::run(shared.clone(), shutdown.clone()));
             tokio::spawn(listener::accept_loop(
                 listener,
                 shared.clone(),

@@ -8,6 +8,7 @@
 //! the SET alone, and a driver's reset string (`…; RESET ALL`) clears the
 //! settings it reset.
 
+use pgsplit_router::lexer::Lexer;
 use pgsplit_router::{classify_lexical, split, Class, StmtKind};
 
 /// Removals the proxy applies to its own view of the session once the
@@ -127,6 +128,12 @@ fn identifier(s: &str) -> Option<String> {
     ok.then(|| s.to_lowercase())
 }
 
+/// Whether `sql` runs a COPY (in any of its statements).
+pub(super) fn has_copy(sql: &str) -> bool {
+    let first_is_copy = |s: &str| Lexer::new(s).next().is_some_and(|t| t.is_keyword("copy"));
+    first_is_copy(sql) || (sql.contains(';') && split(sql).into_iter().any(first_is_copy))
+}
+
 /// Whether a statement run while the session is pinned may have released
 /// what pinned it (so the proxy checks before keeping reads off the
 /// replica). Over-reporting costs one query on the primary; missing a
@@ -210,6 +217,15 @@ mod tests {
             fx("SELECT 1; DEALLOCATE ALL").resets,
             [Reset::DeallocateAll]
         );
+    }
+
+    #[test]
+    fn copies_are_found() {
+        assert!(has_copy("COPY t FROM STDIN"));
+        assert!(has_copy("/* x */ copy t (a) from stdin"));
+        assert!(has_copy("SET a = 1; COPY t FROM STDIN"));
+        assert!(!has_copy("INSERT INTO t VALUES ('copy; copy')"));
+        assert!(!has_copy("INSERT INTO copy VALUES (1)"));
     }
 
     #[test]

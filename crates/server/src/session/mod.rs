@@ -15,6 +15,7 @@ mod memo;
 mod relay;
 mod settings;
 pub mod statements;
+mod vars;
 mod vectored;
 
 use std::collections::VecDeque;
@@ -25,7 +26,7 @@ use bytes::{Bytes, BytesMut};
 use pgsplit_protocol::backend::TxStatus;
 use pgsplit_protocol::frontend::{self, Bind, Object, Parse};
 use pgsplit_protocol::{encode, frame, tag, Frame, ProtoError};
-use pgsplit_router::route::{self, Choice, SessionState};
+use pgsplit_router::route::{self, Choice, Freshness, Reason, SessionState};
 use pgsplit_router::{Class, Stage, StmtKind, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -34,8 +35,8 @@ use tracing::{debug, warn};
 
 use crate::backend::{BackendConn, BackendError, Login};
 use crate::cancel::{CancelHandle, Running};
-use crate::config::User;
-use crate::error::Error;
+use crate::config::{OnStale, ReadYourWrites, User};
+use crate::error::{Error, Warning};
 use crate::Shared;
 use batch::{Batch, Meta};
 use effects::Reset;
@@ -52,6 +53,16 @@ struct Pending {
     extended: bool,
     /// The cycle ends a block with COMMIT (its settings then persist).
     commits: bool,
+    /// The cycle may commit a write (for read-your-writes).
+    writes: bool,
+    /// The proxy's own query (the WAL position after a write): its
+    /// replies are consumed, never relayed.
+    own: bool,
+    /// One statement: when it fails, nothing of it was committed.
+    single: bool,
+    /// A COPY: nothing may be pipelined behind it (the server would take
+    /// it for COPY data), so the WAL position is asked for afterwards.
+    copy: bool,
 }
 
 /// What a ParseComplete/CloseComplete from the backend answers.
@@ -186,6 +197,20 @@ pub(crate) struct Session {
     /// SET statements run inside the open block, logged if it commits.
     block_sets: Vec<String>,
     seq: u64,
+    /// Routing preferences (`SET pgsplit.…`).
+    vars: vars::Vars,
+    /// WAL position at or after the session's last committed write.
+    write_lsn: u64,
+    /// When the session's last write completed.
+    wrote_at: Option<Instant>,
+    /// Where the last statement went, and why (`SHOW pgsplit.last_route`).
+    last_route: (Target, Reason),
+    /// A COPY that wrote has finished on this backend: ask it for the WAL
+    /// position before anything else.
+    lsn_due: Option<Target>,
+    /// The write before the pending WAL-position query failed as a whole:
+    /// its answer is not the session's write.
+    ignore_lsn: bool,
     cancel: CancelHandle,
     replica_retry_at: Option<Instant>,
     shutdown: CancellationToken,
@@ -199,6 +224,9 @@ const PIN_PROBE: &str = "SELECT (SELECT count(*) FROM pg_listening_channels()) \
      + (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory') \
      + (SELECT count(*) FROM pg_cursors WHERE is_holdable) \
      + (SELECT count(*) FROM pg_prepared_statements WHERE from_sql)";
+
+/// The proxy's own query after a write in `lsn` mode (a Query message).
+const LSN_QUERY: &[u8] = b"Q\0\0\0\x2dSELECT pg_current_wal_insert_lsn()::text\0";
 
 /// COPY data is written to the server at least this often.
 const COPY_FLUSH_BYTES: usize = 256 * 1024;
@@ -221,6 +249,7 @@ impl Session {
     ) -> Session {
         let mut backends = [None, None];
         let t = first.target;
+        let vars = vars::Vars::new(&shared.config);
         backends[idx(t)] = Some(Backend::new(first));
         Session {
             shared,
@@ -249,6 +278,12 @@ impl Session {
             settings_log: SettingsLog::default(),
             block_sets: Vec::new(),
             seq: 0,
+            vars,
+            write_lsn: 0,
+            wrote_at: None,
+            last_route: (Target::Replica, Reason::Read),
+            lsn_due: None,
+            ignore_lsn: false,
             cancel,
             replica_retry_at: None,
             shutdown,
@@ -282,6 +317,9 @@ impl Session {
     async fn run_inner(&mut self) -> Result<(), Error> {
         loop {
             self.flush_client().await?;
+            if self.lsn_due.is_some() && self.copy_in.is_none() {
+                self.send_due_lsn_query().await?;
+            }
             let busy = [self.busy(Target::Primary), self.busy(Target::Replica)];
             // A pinned primary can speak unasked (NotificationResponse of a
             // LISTEN, a FATAL on shutdown): read it while the client is idle.
@@ -511,7 +549,97 @@ impl Session {
             txn: self.txn,
             pinned: self.pinned,
             bound: self.bound,
+            replica: self.freshness(),
         }
+    }
+
+    /// Whether the replica may serve this session's reads now.
+    fn freshness(&self) -> Freshness {
+        let rep = &self.shared.replication;
+        if self.shared.config.routing.on_stale != OnStale::Replica
+            && rep.stale(self.vars.max_staleness).is_some()
+        {
+            return Freshness::Stale;
+        }
+        let behind = match self.vars.read_your_writes {
+            ReadYourWrites::Lsn => self.write_lsn > 0 && !rep.replayed(self.write_lsn),
+            ReadYourWrites::Session => self.wrote_at.is_some(),
+            ReadYourWrites::Window => self
+                .wrote_at
+                .is_some_and(|at| at.elapsed() < self.vars.window),
+            ReadYourWrites::Off => false,
+        };
+        if behind || (self.vars.min_lsn > 0 && !rep.replayed(self.vars.min_lsn)) {
+            Freshness::BehindWrites
+        } else {
+            Freshness::Fresh
+        }
+    }
+
+    /// Whether the batch being dispatched runs a COPY (checked only for
+    /// batches that write).
+    fn batch_has_copy(&self) -> bool {
+        self.batch
+            .frames
+            .iter()
+            .zip(&self.batch.meta)
+            .any(|(f, m)| match *m {
+                Meta::Parse { sql, .. } => effects::has_copy(batch::text(f, sql.0, sql.1)),
+                Meta::Uses { start, end } => self
+                    .stmts
+                    .get(batch::text(f, start, end))
+                    .and_then(|s| Parse::parse(&s.parse[frame::HEADER_BYTES..]).ok())
+                    .is_some_and(|p| effects::has_copy(p.sql)),
+                _ => false,
+            })
+    }
+
+    /// Sends the WAL-position query a finished COPY left due.
+    async fn send_due_lsn_query(&mut self) -> Result<(), Error> {
+        let Some(t) = self.lsn_due.take() else {
+            return Ok(());
+        };
+        if self.backends[idx(t)].is_none() {
+            return Ok(());
+        }
+        let seq = self.seq;
+        let mut out = Vec::new();
+        self.push_lsn_query(t, seq, &mut out);
+        self.send_raw(t, &out).await
+    }
+
+    /// Whether a cycle of `kind` sent to `t` may commit a write.
+    fn commits_write(&self, kind: StmtKind, t: Target) -> bool {
+        t == Target::Primary
+            && match kind {
+                StmtKind::Commit => true,
+                StmtKind::Write | StmtKind::Pin | StmtKind::Unknown => self.txn.is_none(),
+                _ => false,
+            }
+    }
+
+    /// After a cycle that may commit a write, in `lsn` mode: the proxy's
+    /// own query for the WAL insert position, pipelined behind it on the
+    /// same connection (no extra round trip; its replies are consumed).
+    /// `pg_current_wal_insert_lsn()` is at or after the commit record even
+    /// with `synchronous_commit = off`.
+    fn push_lsn_query(&mut self, t: Target, seq: u64, out: &mut Vec<Bytes>) {
+        if self.vars.read_your_writes != ReadYourWrites::Lsn && self.vars.min_lsn == 0 {
+            return;
+        }
+        let b = self.backends[idx(t)].as_mut().expect("ensured");
+        b.pending.push_back(Pending {
+            seq,
+            extended: false,
+            commits: false,
+            writes: false,
+            own: true,
+            copy: false,
+            single: false,
+        });
+        out.push(Bytes::from_static(LSN_QUERY));
+        // A simple query ends the unnamed statement on the server.
+        self.stmts.mark_off("", t);
     }
 
     /// Picks the backend for a decision, preferring an open connection
@@ -546,6 +674,13 @@ impl Session {
             self.answer_failed_block(class.kind, None);
             return Ok(());
         }
+        if matches!(class.kind, StmtKind::Read | StmtKind::Session) && class.statements == 1 {
+            if let Some(cmd) = vars::parse(sql) {
+                self.drain_all().await?;
+                self.answer_var(cmd);
+                return Ok(());
+            }
+        }
         let fx = effects::of_query(sql, &class);
         if (self.pinned || class.kind == StmtKind::Pin) && effects::may_unpin(sql) {
             self.releasing = true;
@@ -574,12 +709,18 @@ impl Session {
         };
         self.seq += 1;
         let seq = self.seq;
+        let writes = self.commits_write(class.kind, target);
+        let copy = writes && effects::has_copy(sql);
         let b = self.backends[idx(target)].as_mut().expect("ensured");
         // Recorded before the write, so a failed write answers this query.
         b.pending.push_back(Pending {
             seq,
             extended: false,
             commits: class.kind == StmtKind::Commit,
+            writes,
+            own: false,
+            copy,
+            single: class.statements <= 1,
         });
         b.sets_in_flight.extend(fx.sets);
         b.resets_in_flight.extend(fx.resets);
@@ -588,7 +729,15 @@ impl Session {
         // and ends an extended-protocol batch sent in part before it.
         self.stmts.mark_off("", target);
         self.bound = None;
-        self.send_raw(target, &[f.into_bytes()]).await
+        let mut outgoing = std::mem::take(&mut self.outgoing);
+        outgoing.push(f.into_bytes());
+        if writes && !copy {
+            self.push_lsn_query(target, seq, &mut outgoing);
+        }
+        let res = self.send_raw(target, &outgoing).await;
+        outgoing.clear();
+        self.outgoing = outgoing;
+        res
     }
 
     /// Routes `class`, makes sure the backend is connected and caught up,
@@ -618,7 +767,43 @@ impl Session {
         };
         self.shared.stats.count_route(&decision);
         let fallback = self.bound.is_none() && self.txn.is_none();
-        let target = self.ensure(wanted, fallback).await?;
+        let rep = &self.shared.replication;
+        if decision.reason == Reason::Stale && self.shared.config.routing.on_stale == OnStale::Error
+        {
+            if let Some(st) = rep.stale(self.vars.max_staleness) {
+                return Err(Error::StaleReplica(st, self.vars.max_staleness));
+            }
+        }
+        let target = match self.ensure(wanted, fallback).await {
+            Ok(t) => t,
+            // A read sent to the primary only for freshness: with the
+            // primary gone, the replica serves it, and says so.
+            Err(Error::PrimaryUnreachable(cause))
+                if matches!(decision.reason, Reason::ReadYourWrites | Reason::Stale) =>
+            {
+                match Box::pin(self.ensure(Target::Replica, false)).await {
+                    Ok(t) => {
+                        let w = match self.shared.replication.stale(self.vars.max_staleness) {
+                            Some(st) => Warning::ServedStale(st),
+                            None => Warning::ServedBehindWrites,
+                        };
+                        self.push_own(|b| w.write_to(b));
+                        t
+                    }
+                    Err(_) => return Err(Error::NothingReachable(cause)),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        if target == Target::Replica
+            && self.shared.config.routing.on_stale == OnStale::Replica
+            && !class.kind.needs_primary()
+        {
+            if let Some(st) = self.shared.replication.stale(self.vars.max_staleness) {
+                self.push_own(|b| Warning::ServedStale(st).write_to(b));
+            }
+        }
+        self.last_route = (target, decision.reason);
         if decision.pin {
             self.pinned = true;
         }
@@ -642,10 +827,10 @@ impl Session {
             return Ok(());
         };
         let mut notifications = Vec::new();
-        let res = b.conn.query_value(PIN_PROBE, &mut notifications).await;
+        let res = b.conn.query_row(PIN_PROBE, &mut notifications).await;
         self.out.extend(notifications);
         match res {
-            Ok(Ok(Some(n))) if n == "0" => {
+            Ok(Ok(row)) if row.first().is_some_and(|n| n.as_deref() == Some("0")) => {
                 debug!("pinned state released; reads return to the replica");
                 self.pinned = false;
             }
@@ -775,14 +960,24 @@ impl Session {
                 }
                 outgoing.push(f.raw().clone());
             }
-            if synced {
-                b.pending.push_back(Pending {
-                    seq,
-                    extended: true,
-                    commits: class.kind == StmtKind::Commit,
-                });
-            }
             self.cancel.set(Some(b.running()));
+        }
+        if synced {
+            let writes = self.commits_write(class.kind, target);
+            let copy = writes && self.batch_has_copy();
+            let b = self.backends[idx(target)].as_mut().expect("ensured");
+            b.pending.push_back(Pending {
+                seq,
+                extended: true,
+                commits: class.kind == StmtKind::Commit,
+                writes,
+                own: false,
+                copy,
+                single: class.statements <= 1,
+            });
+            if writes && !copy {
+                self.push_lsn_query(target, seq, &mut outgoing);
+            }
         }
         self.batch.clear();
         self.bound = if synced { None } else { Some(target) };
@@ -1098,4 +1293,21 @@ async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
         todo.advance(written);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lsn_query_is_one_well_formed_query_message() {
+        let mut b = BytesMut::from(LSN_QUERY);
+        let f = frame::decode(&mut b, 1 << 16).unwrap().unwrap();
+        assert!(b.is_empty());
+        assert_eq!(f.tag(), tag::frontend::QUERY);
+        assert_eq!(
+            frontend::query(f.body()).unwrap(),
+            "SELECT pg_current_wal_insert_lsn()::text"
+        );
+    }
 }

@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 use super::statements::idx;
 use super::{CopyIn, Expect, Reset, Session};
 use crate::error::Error;
+use crate::replication::parse_lsn;
 
 /// Backend messages the relay must see whole are small; a larger one of
 /// those kinds means the stream is broken.
@@ -45,6 +46,31 @@ impl Session {
             };
             let Some((tag, len)) = head else { break };
             use tag::backend as bt;
+            if b.pending.front().is_some_and(|p| p.own) {
+                // The proxy's own query: consumed here, never relayed.
+                if avail < len {
+                    break;
+                }
+                self.flush_run(t, &mut run);
+                let b = self.backends[idx(t)].as_mut().expect("exists");
+                let f = b.conn.rbuf.split_to(len);
+                let body = &f[frame::HEADER_BYTES..];
+                match tag {
+                    bt::DATA_ROW => {
+                        if let Some(lsn) = first_text(body).and_then(parse_lsn) {
+                            if !self.ignore_lsn {
+                                self.write_lsn = self.write_lsn.max(lsn);
+                            }
+                        }
+                    }
+                    bt::READY_FOR_QUERY => {
+                        let status = msg::ready_for_query(body)?;
+                        self.on_ready(t, status);
+                    }
+                    _ => {}
+                }
+                continue;
+            }
             let inspected = matches!(
                 tag,
                 bt::READY_FOR_QUERY
@@ -195,6 +221,18 @@ impl Session {
                 }
             }
         }
+        if let Some(p) = done.filter(|p| p.writes) {
+            // A single statement that failed committed nothing.
+            let failed = b.errored && p.single;
+            self.ignore_lsn = failed;
+            if !failed {
+                self.wrote_at = Some(std::time::Instant::now());
+                if p.copy {
+                    self.lsn_due = Some(t);
+                }
+            }
+        }
+        let b = self.backends[idx(t)].as_mut().expect("exists");
         let was_in_block = b.status == TxStatus::InBlock;
         let commits = done.is_some_and(|p| p.commits);
         b.status = status;
@@ -283,7 +321,7 @@ impl Session {
             Error::BackendLost { target: t }
         };
         let mut reported = b.dead;
-        for _ in &b.pending {
+        for _ in b.pending.iter().filter(|p| !p.own) {
             if !reported {
                 self.push_error(&err);
             }
@@ -312,4 +350,11 @@ impl Session {
         self.cancel.set(None);
         Ok(())
     }
+}
+
+/// The first column of a DataRow body, as text.
+fn first_text(body: &[u8]) -> Option<&str> {
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let len = usize::try_from(len).ok()?;
+    std::str::from_utf8(body.get(6..6 + len)?).ok()
 }

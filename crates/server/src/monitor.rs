@@ -1,0 +1,133 @@
+//! The replication monitor: a background task with its own connections to
+//! the primary and the replica, polling their WAL positions every
+//! `[monitor] interval` into [`Replication`](crate::replication::Replication).
+//!
+//! It uses the proxy's own backend connections (the same login code as
+//! sessions, TCP or unix socket) rather than a client library, and bounds
+//! every poll: a server that does not answer within `connect_timeout` is
+//! reported down and its connection replaced. The two servers are polled
+//! concurrently, so a slow tunnel to the primary never delays what is
+//! known about the local replica.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgsplit_router::Target;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backend::{BackendConn, Login};
+use crate::replication::{parse_lsn, ReplicaPoll};
+use crate::Shared;
+
+const PRIMARY_POLL: &str = "SELECT pg_current_wal_lsn()::text";
+const REPLICA_POLL: &str = "SELECT pg_is_in_recovery()::text, pg_last_wal_replay_lsn()::text, \
+     (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint::text";
+
+/// Runs until `shutdown`.
+pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let cfg = &shared.config;
+    let Some(creds) = cfg.monitor_login() else {
+        warn!("no user to run the replication monitor as; lag is not measured");
+        return;
+    };
+    shared.replication.enable();
+    info!(interval = ?cfg.monitor.interval, "replication monitor started");
+    let mut primary: Option<BackendConn> = None;
+    let mut replica: Option<BackendConn> = None;
+    let mut ticker = tokio::time::interval(cfg.monitor.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let login = Login {
+            user: &creds.0,
+            password: creds.1.as_deref(),
+            database: &cfg.monitor.database,
+            params: &[],
+        };
+        let (p, r) = tokio::join!(
+            poll(&shared, Target::Primary, &mut primary, &login, PRIMARY_POLL),
+            poll(&shared, Target::Replica, &mut replica, &login, REPLICA_POLL),
+        );
+        shared.replication.set_primary(
+            p.and_then(|row| row.first().cloned().flatten().and_then(|s| parse_lsn(&s))),
+        );
+        shared.replication.set_replica(r.map(|row| {
+            let col = |i: usize| row.get(i).cloned().flatten();
+            ReplicaPoll {
+                in_recovery: col(0).as_deref() == Some("true"),
+                replay_lsn: col(1).and_then(|s| parse_lsn(&s)),
+                replay_age_ms: col(2).and_then(|s| s.parse().ok()),
+            }
+        }));
+    }
+}
+
+/// One bounded poll of one server; `None` when it is down (the connection
+/// is then dropped and made again next time).
+async fn poll(
+    shared: &Shared,
+    t: Target,
+    conn: &mut Option<BackendConn>,
+    login: &Login<'_>,
+    sql: &str,
+) -> Option<Vec<Option<String>>> {
+    // A connection found dead (the server restarted it, or an operator
+    // killed it) is replaced at once: only a failed fresh connection
+    // means the server is down.
+    for _ in 0..2 {
+        let fresh = conn.is_none();
+        match poll_once(shared, t, conn, login, sql).await {
+            Some(row) => return Some(row),
+            None if fresh || conn.is_some() => return None,
+            None => {}
+        }
+    }
+    None
+}
+
+async fn poll_once(
+    shared: &Shared,
+    t: Target,
+    conn: &mut Option<BackendConn>,
+    login: &Login<'_>,
+    sql: &str,
+) -> Option<Vec<Option<String>>> {
+    let cfg = &shared.config;
+    let bound = cfg.timeouts.connect_timeout;
+    if conn.is_none() {
+        let addr = match t {
+            Target::Primary => &cfg.primary,
+            Target::Replica => &cfg.replica,
+        };
+        match BackendConn::connect(t, &addr.host, addr.port, login, bound).await {
+            Ok(c) => *conn = Some(c),
+            Err(e) => {
+                debug!(target = ?t, cause = %e, "monitor cannot connect");
+                return None;
+            }
+        }
+    }
+    let c = conn.as_mut()?;
+    let mut ignored = Vec::new();
+    let res = tokio::time::timeout(
+        bound.max(Duration::from_millis(100)),
+        c.query_row(sql, &mut ignored),
+    )
+    .await;
+    match res {
+        Ok(Ok(Ok(row))) => Some(row),
+        Ok(Ok(Err(code))) => {
+            warn!(target = ?t, code, "replication poll failed");
+            None
+        }
+        Ok(Err(_)) | Err(_) => {
+            debug!(target = ?t, "monitor connection lost or timed out");
+            *conn = None;
+            None
+        }
+    }
+}

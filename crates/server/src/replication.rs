@@ -1,0 +1,254 @@
+//! What the replication monitor knows about the primary and the replica,
+//! shared with every session.
+//!
+//! Sessions consult it on every read they route (is the replica within
+//! the staleness bound? has it replayed this session's last write?), so it
+//! is a handful of atomics: no lock, no allocation on the hot path. The
+//! monitor (`monitor`) is its only writer.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Shared replication state. LSNs are byte positions in the WAL; 0 means
+/// unknown.
+#[derive(Debug)]
+pub struct Replication {
+    primary_lsn: AtomicU64,
+    replay_lsn: AtomicU64,
+    /// Milliseconds, or -1 when unknown.
+    lag_ms: AtomicI64,
+    primary_up: AtomicBool,
+    replica_up: AtomicBool,
+    /// In recovery and replaying (not still starting, not promoted).
+    replica_replaying: AtomicBool,
+    /// Completed replica polls; 0 until the first one.
+    replica_polls: AtomicU64,
+    /// Sessions may rely on it (false when no monitor runs).
+    enabled: AtomicBool,
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Replication {
+            primary_lsn: AtomicU64::new(0),
+            replay_lsn: AtomicU64::new(0),
+            lag_ms: AtomicI64::new(-1),
+            primary_up: AtomicBool::new(true),
+            replica_up: AtomicBool::new(true),
+            replica_replaying: AtomicBool::new(true),
+            replica_polls: AtomicU64::new(0),
+            enabled: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Why the replica cannot serve a read right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stale {
+    /// Behind the staleness bound by this many milliseconds of lag.
+    Lagging(u64),
+    /// The monitor cannot reach it.
+    Down,
+    /// Up but not replaying (still starting up, or promoted).
+    NotReplaying,
+}
+
+impl std::fmt::Display for Stale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stale::Lagging(ms) => write!(f, "the replica is {ms} ms behind the primary"),
+            Stale::Down => f.write_str("the replica is unreachable"),
+            Stale::NotReplaying => f.write_str("the replica is not replaying WAL"),
+        }
+    }
+}
+
+impl Replication {
+    /// Marks the state as maintained by a running monitor.
+    pub fn enable(&self) {
+        self.enabled.store(true, Relaxed);
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Relaxed)
+    }
+
+    /// The replica's replay position, when known.
+    pub fn replay_lsn(&self) -> Option<u64> {
+        Some(self.replay_lsn.load(Relaxed)).filter(|&l| l > 0)
+    }
+
+    /// The primary's last known WAL position.
+    pub fn primary_lsn(&self) -> Option<u64> {
+        Some(self.primary_lsn.load(Relaxed)).filter(|&l| l > 0)
+    }
+
+    /// Replica lag in milliseconds, when known.
+    pub fn lag_ms(&self) -> Option<u64> {
+        u64::try_from(self.lag_ms.load(Relaxed)).ok()
+    }
+
+    /// Replica lag in bytes of WAL, when both positions are known.
+    pub fn lag_bytes(&self) -> Option<u64> {
+        Some(self.primary_lsn()?.saturating_sub(self.replay_lsn()?))
+    }
+
+    pub fn primary_up(&self) -> bool {
+        self.primary_up.load(Relaxed)
+    }
+
+    pub fn replica_up(&self) -> bool {
+        self.replica_up.load(Relaxed)
+    }
+
+    /// Whether the replica has replayed up to `lsn`.
+    pub fn replayed(&self, lsn: u64) -> bool {
+        self.replay_lsn.load(Relaxed) >= lsn
+    }
+
+    /// Why the replica is outside `bound`, or `None` when it may serve
+    /// reads. Before the first poll (and without a monitor) the replica is
+    /// given the benefit of the doubt; a lag that cannot be measured
+    /// (no transaction replayed yet) does not count as stale either.
+    pub fn stale(&self, bound: Duration) -> Option<Stale> {
+        if !self.enabled() {
+            return None;
+        }
+        if !self.replica_up.load(Relaxed) {
+            return Some(Stale::Down);
+        }
+        if !self.replica_replaying.load(Relaxed) {
+            return Some(Stale::NotReplaying);
+        }
+        let lag = self.lag_ms()?;
+        let bound_ms = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX);
+        (lag > bound_ms).then_some(Stale::Lagging(lag))
+    }
+
+    /// Completed replica polls (tests and `/health` wait on this).
+    pub fn replica_polls(&self) -> u64 {
+        self.replica_polls.load(Relaxed)
+    }
+
+    pub(crate) fn set_primary(&self, lsn: Option<u64>) {
+        match lsn {
+            Some(l) => {
+                self.primary_lsn.fetch_max(l, Relaxed);
+                self.primary_up.store(true, Relaxed);
+            }
+            None => self.primary_up.store(false, Relaxed),
+        }
+    }
+
+    /// One replica poll: `None` when it could not be reached, else whether
+    /// it is in recovery, its replay position and the age of the last
+    /// transaction it replayed.
+    pub(crate) fn set_replica(&self, poll: Option<ReplicaPoll>) {
+        match poll {
+            None => {
+                self.replica_up.store(false, Relaxed);
+                self.lag_ms.store(-1, Relaxed);
+            }
+            Some(p) => {
+                self.replica_up.store(true, Relaxed);
+                let replaying = p.in_recovery && p.replay_lsn.is_some();
+                self.replica_replaying.store(replaying, Relaxed);
+                if let Some(l) = p.replay_lsn {
+                    self.replay_lsn.store(l, Relaxed);
+                }
+                // An idle primary is not a lagging replica: all written is
+                // replayed, however old the last transaction is.
+                let caught_up = match (self.primary_lsn(), p.replay_lsn) {
+                    (Some(pl), Some(rl)) => rl >= pl,
+                    _ => false,
+                };
+                let lag = if caught_up {
+                    0
+                } else {
+                    p.replay_age_ms.map_or(-1, |a| a.max(0))
+                };
+                self.lag_ms.store(lag, Relaxed);
+            }
+        }
+        self.replica_polls.fetch_add(1, Relaxed);
+    }
+}
+
+/// What one poll of the replica returned.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReplicaPoll {
+    pub in_recovery: bool,
+    pub replay_lsn: Option<u64>,
+    pub replay_age_ms: Option<i64>,
+}
+
+/// Formats a WAL position as PostgreSQL does (`16/B374D848`).
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// Parses `16/B374D848`.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.trim().split_once('/')?;
+    let hi = u32::from_str_radix(hi, 16).ok()?;
+    let lo = u32::from_str_radix(lo, 16).ok()?;
+    Some((u64::from(hi) << 32) | u64::from(lo))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text_round_trips() {
+        for s in ["0/0", "16/B374D848", "FFFFFFFF/FFFFFFFF", "0/3000148"] {
+            assert_eq!(format_lsn(parse_lsn(s).unwrap()), s);
+        }
+        assert_eq!(parse_lsn("1/0"), Some(1 << 32));
+        for bad in ["", "1", "x/1", "1/", "/1", "1/2/3", "100000000/0"] {
+            assert_eq!(parse_lsn(bad), None, "{bad}");
+        }
+    }
+
+    fn poll(replay: u64, age: Option<i64>) -> Option<ReplicaPoll> {
+        Some(ReplicaPoll {
+            in_recovery: true,
+            replay_lsn: Some(replay),
+            replay_age_ms: age,
+        })
+    }
+
+    #[test]
+    fn an_idle_primary_is_not_a_lagging_replica() {
+        let r = Replication::default();
+        r.enable();
+        r.set_primary(Some(100));
+        r.set_replica(poll(100, Some(60_000)));
+        assert_eq!(r.lag_ms(), Some(0));
+        assert_eq!(r.stale(Duration::from_secs(5)), None);
+        r.set_primary(Some(200));
+        r.set_replica(poll(150, Some(7_000)));
+        assert_eq!(r.lag_ms(), Some(7_000));
+        assert_eq!(r.lag_bytes(), Some(50));
+        assert_eq!(r.stale(Duration::from_secs(5)), Some(Stale::Lagging(7_000)));
+        assert!(r.replayed(150) && !r.replayed(151));
+    }
+
+    #[test]
+    fn down_or_not_replaying_is_stale() {
+        let r = Replication::default();
+        assert_eq!(r.stale(Duration::ZERO), None, "no monitor: no opinion");
+        r.enable();
+        assert_eq!(r.stale(Duration::ZERO), None, "before the first poll");
+        r.set_replica(None);
+        assert_eq!(r.stale(Duration::from_secs(5)), Some(Stale::Down));
+        r.set_replica(Some(ReplicaPoll {
+            in_recovery: true,
+            replay_lsn: None,
+            replay_age_ms: None,
+        }));
+        assert_eq!(r.stale(Duration::from_secs(5)), Some(Stale::NotReplaying));
+        r.set_primary(None);
+        assert!(!r.primary_up());
+    }
+}
