@@ -8,6 +8,7 @@
 
 mod auth;
 mod common;
+mod consistency;
 mod failure;
 mod pipeline;
 mod protocol;

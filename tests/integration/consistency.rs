@@ -1,0 +1,335 @@
+//! Read-your-writes, bounded staleness and what a session can see of both,
+//! against a replica that really lags (`recovery_min_apply_delay`).
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use pgsplit_lab::stack::{Stack, StackOptions};
+use pgsplit_lab::LabOptions;
+use pgsplit_protocol::encode;
+use tokio_postgres::Client;
+
+use crate::common::*;
+
+/// A stack whose replica applies WAL `delay` late.
+fn lagging_stack(delay: &str, set: &[&str]) -> Stack {
+    stack_with(StackOptions {
+        lab: LabOptions {
+            extra_conf: vec![("recovery_min_apply_delay".into(), delay.into())],
+            ..Default::default()
+        },
+        set: set.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    })
+}
+
+async fn show(c: &Client, name: &str) -> String {
+    for m in c.simple_query(&format!("SHOW {name}")).await.unwrap() {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            return r.get(0).unwrap().to_owned();
+        }
+    }
+    panic!("SHOW {name} returned no row");
+}
+
+/// `sessions` clients, each `cycles` times: insert a row, read it back at
+/// once. Returns how many reads missed their own write.
+async fn write_then_read(stack: &Stack, mode: &str, sessions: usize, cycles: usize) -> usize {
+    let mut tasks = Vec::new();
+    for n in 0..sessions {
+        let c = client(stack).await;
+        let mode = mode.to_owned();
+        tasks.push(tokio::spawn(async move {
+            c.batch_execute(&format!("SET pgsplit.read_your_writes = '{mode}'"))
+                .await
+                .unwrap();
+            let mut missed = 0;
+            for i in 0..cycles {
+                let id = format!("{mode}-{n}-{i}");
+                c.execute("INSERT INTO ryw (id) VALUES ($1)", &[&id])
+                    .await
+                    .unwrap();
+                let seen: i64 = c
+                    .query_one("SELECT count(*) FROM ryw WHERE id = $1", &[&id])
+                    .await
+                    .unwrap()
+                    .get(0);
+                if seen != 1 {
+                    missed += 1;
+                }
+            }
+            missed
+        }));
+    }
+    let mut missed = 0;
+    for t in tasks {
+        missed += t.await.unwrap();
+    }
+    missed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_reads_its_own_writes_despite_replica_lag() {
+    // The window must outlast the lag for `window` mode to be safe.
+    let s = lagging_stack("1s", &["routing.read_your_writes_window=3s"]);
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE ryw (id text PRIMARY KEY)")
+        .await
+        .unwrap();
+    caught_up(&s);
+    for mode in ["lsn", "session", "window"] {
+        let missed = write_then_read(&s, mode, 4, 50).await;
+        assert_eq!(missed, 0, "{mode}: reads missed their own writes");
+    }
+    // Without it, the lagging replica is visible: proof the test can fail.
+    let missed = write_then_read(&s, "off", 4, 10).await;
+    assert!(missed > 0, "off: expected stale reads from a 1 s replica");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_lsn_mode_reads_return_to_the_replica_once_it_caught_up() {
+    let s = stack();
+    let (p, r) = (primary_port(&s), replica_port(&s));
+    let writer = client(&s).await;
+    let other = client(&s).await;
+    writer
+        .batch_execute("CREATE TABLE back (x int)")
+        .await
+        .unwrap();
+    // A session that wrote nothing is never held back.
+    for _ in 0..20 {
+        writer
+            .batch_execute("INSERT INTO back VALUES (1)")
+            .await
+            .unwrap();
+        assert_eq!(port_of(&other, "SELECT inet_server_port()").await, r);
+    }
+    caught_up(&s);
+    tokio::time::sleep(Duration::from_millis(300)).await; // a monitor poll
+    let mut on_replica = 0;
+    for _ in 0..50 {
+        if port_of(&writer, "SELECT inet_server_port()").await == r {
+            on_replica += 1;
+        }
+    }
+    assert!(on_replica >= 45, "{on_replica}/50 reads on the replica");
+    assert_eq!(show(&writer, "pgsplit.last_route").await, "replica (read)");
+
+    // `session` mode, by contrast, keeps them on the primary for good.
+    writer
+        .batch_execute("SET pgsplit.read_your_writes = session")
+        .await
+        .unwrap();
+    writer
+        .batch_execute("INSERT INTO back VALUES (2)")
+        .await
+        .unwrap();
+    caught_up(&s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(port_of(&writer, "SELECT inet_server_port()").await, p);
+    assert_eq!(
+        show(&writer, "pgsplit.last_route").await,
+        "primary (read_your_writes)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_answers_its_own_variables() {
+    let mut s = stack();
+    let c = client(&s).await;
+    assert_eq!(show(&c, "pgsplit.read_your_writes").await, "lsn");
+    assert_eq!(show(&c, "pgsplit.max_staleness").await, "5s");
+    assert_eq!(show(&c, "pgsplit.write_lsn").await, "0/0");
+    c.batch_execute("CREATE TABLE v (x int)").await.unwrap();
+    assert_eq!(show(&c, "pgsplit.last_route").await, "primary (write)");
+    let token = show(&c, "pgsplit.write_lsn").await;
+    assert_ne!(token, "0/0");
+    // At or after the commit, and no further than the primary has written.
+    let ok: bool = c
+        .query_one(
+            "/* pgsplit:primary */ SELECT $1::text::pg_lsn <= pg_current_wal_insert_lsn()",
+            &[&token],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ok, "write_lsn {token} is beyond the primary's WAL");
+
+    c.batch_execute("SET pgsplit.max_staleness = '750ms'")
+        .await
+        .unwrap();
+    assert_eq!(show(&c, "pgsplit.max_staleness").await, "750ms");
+    c.batch_execute("RESET pgsplit.max_staleness")
+        .await
+        .unwrap();
+    assert_eq!(show(&c, "pgsplit.max_staleness").await, "5s");
+    let lag = show(&c, "pgsplit.replica_lag").await;
+    assert!(lag.ends_with("ms"), "{lag}");
+
+    for (sql, want) in [
+        ("SET pgsplit.read_your_writes = 'sometimes'", "22023"),
+        ("SET pgsplit.max_staleness = 'soon'", "22023"),
+        ("SET pgsplit.write_lsn = '0/1'", "55P02"),
+        ("SHOW pgsplit.nope", "42704"),
+    ] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        assert_eq!(code(&e), want, "{sql}");
+    }
+    // Answered without a server: works with both of them unreachable.
+    s.tunnel().cut();
+    tokio::task::block_in_place(|| s.cluster_mut().stop_replica()).unwrap();
+    assert_eq!(show(&c, "pgsplit.read_your_writes").await, "lsn");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_primary_is_not_a_lagging_replica() {
+    let s = stack();
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE idle (x int); INSERT INTO idle VALUES (1)")
+        .await
+        .unwrap();
+    caught_up(&s);
+    // Long after the last transaction, with a tight bound, the replica is
+    // still current: nothing was written since.
+    c.batch_execute("SET pgsplit.max_staleness = '300ms'")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(show(&c, "pgsplit.replica_lag").await, "0ms");
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_replica_is_avoided_and_then_used_with_a_warning() {
+    let s = lagging_stack("3s", &["routing.max_replica_lag=500ms"]);
+    let (p, r) = (primary_port(&s), replica_port(&s));
+    let writer = client(&s).await;
+    writer
+        .batch_execute("CREATE TABLE st (x int)")
+        .await
+        .unwrap();
+    caught_up(&s);
+    writer
+        .batch_execute("INSERT INTO st VALUES (1)")
+        .await
+        .unwrap();
+    // The insert waits 3 s to be applied; once the replica is 500 ms
+    // behind, other sessions' reads go to the primary.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let reader = client(&s).await;
+    assert_eq!(port_of(&reader, "SELECT inet_server_port()").await, p);
+    assert_eq!(
+        show(&reader, "pgsplit.last_route").await,
+        "primary (stale_replica)"
+    );
+    // A session that accepts older data still reads locally.
+    reader
+        .batch_execute("SET pgsplit.max_staleness = '1min'")
+        .await
+        .unwrap();
+    assert_eq!(port_of(&reader, "SELECT inet_server_port()").await, r);
+
+    // Primary unreachable too: the replica serves the read, with a WARNING.
+    s.tunnel().cut();
+    let mut raw = Raw::login(&s).await;
+    let mut b = BytesMut::new();
+    encode::query(&mut b, "SELECT inet_server_port()");
+    raw.send(&b).await;
+    let mut warning = None;
+    let mut port = None;
+    loop {
+        let f = raw.frame().await.expect("open");
+        match f.tag() {
+            b'N' => {
+                let e = pgsplit_protocol::backend::ErrorFields::parse(f.body()).unwrap();
+                warning = Some((
+                    e.severity.to_owned(),
+                    e.code.to_owned(),
+                    e.message.to_owned(),
+                ));
+            }
+            b'D' => port = Some(String::from_utf8_lossy(&f.body()[6..]).into_owned()),
+            b'E' => panic!("the read failed"),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    assert_eq!(port.unwrap(), r.to_string());
+    let (sev, code, msg) = warning.expect("a warning");
+    assert_eq!((sev.as_str(), code.as_str()), ("WARNING", "01000"));
+    assert!(msg.contains("stale replica"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_stale_error_refuses_the_read() {
+    let s = lagging_stack(
+        "3s",
+        &["routing.max_replica_lag=300ms", "routing.on_stale=error"],
+    );
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE se (x int)").await.unwrap();
+    caught_up(&s);
+    c.batch_execute("INSERT INTO se VALUES (1)").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let reader = client(&s).await;
+    let e = reader.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), "55000");
+    // Writes are unaffected, and the session goes on.
+    reader
+        .batch_execute("INSERT INTO se VALUES (2)")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_causal_token_carries_a_write_to_another_node() {
+    let s = lagging_stack("1s", &[]);
+    // Node B: a second pgsplit in front of the same servers.
+    let mut cfg = s.proxy_config(&[]).unwrap();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let node_b = pgsplit_lab::proxy::RunningProxy::start(cfg).unwrap();
+    let a = client(&s).await;
+    let b_conn = s.conn_string().replace(
+        &format!("port={}", s.proxy_addr().port()),
+        &format!("port={}", node_b.addr().port()),
+    );
+    let b = connect(&b_conn).await.unwrap();
+    a.batch_execute("CREATE TABLE tokens (t text)")
+        .await
+        .unwrap();
+    caught_up(&s);
+    let mut missed = 0;
+    for i in 0..10 {
+        let t = format!("token-{i}");
+        a.execute("INSERT INTO tokens VALUES ($1)", &[&t])
+            .await
+            .unwrap();
+        let lsn = show(&a, "pgsplit.write_lsn").await;
+        b.batch_execute(&format!("SET pgsplit.min_lsn = '{lsn}'"))
+            .await
+            .unwrap();
+        let n: i64 = b
+            .query_one("SELECT count(*) FROM tokens WHERE t = $1", &[&t])
+            .await
+            .unwrap()
+            .get(0);
+        if n != 1 {
+            missed += 1;
+        }
+    }
+    assert_eq!(missed, 0, "node B read before the token's write");
+    // Without the token, node B's replica is visibly behind.
+    b.batch_execute("RESET pgsplit.min_lsn").await.unwrap();
+    a.execute("INSERT INTO tokens VALUES ('late')", &[])
+        .await
+        .unwrap();
+    let n: i64 = b
+        .query_one("SELECT count(*) FROM tokens WHERE t = 'late'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "expected node B's replica to lag");
+}
