@@ -333,3 +333,56 @@ async fn a_causal_token_carries_a_write_to_another_node() {
         .get(0);
     assert_eq!(n, 0, "expected node B's replica to lag");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_the_replica_refuses_as_a_write_runs_on_the_primary_once() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = stack_without_read_your_writes();
+    let c = client(&s).await;
+    c.batch_execute(
+        "CREATE TABLE touched (n int); \
+         CREATE FUNCTION touch(int) RETURNS int LANGUAGE sql \
+         AS 'INSERT INTO touched VALUES ($1) RETURNING n'",
+    )
+    .await
+    .unwrap();
+    caught_up(&s);
+    let stats = &s.proxy().shared().stats;
+    // Rows are described before the first one fails on the replica: the
+    // client must see one clean answer, from the primary.
+    let mut raw = Raw::login(&s).await;
+    let mut b = BytesMut::new();
+    let sql = "SELECT n, touch(n), inet_server_port() FROM generate_series(1, 3) n";
+    encode::query(&mut b, sql);
+    raw.send(&b).await;
+    let mut descriptions = 0;
+    let mut rows = Vec::new();
+    loop {
+        let f = raw.frame().await.expect("open");
+        match f.tag() {
+            b'T' => descriptions += 1,
+            b'D' => rows.push(f.body().to_vec()),
+            b'E' => panic!("the client saw the replica's refusal"),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    assert_eq!((descriptions, rows.len()), (1, 3));
+    assert_eq!(stats.retried_on_primary.load(Relaxed), 1);
+    // Learned: the same text goes straight to the primary next time.
+    raw.send(&b).await;
+    let r = raw.replies(1).await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(stats.retried_on_primary.load(Relaxed), 1);
+    let n: i64 = c
+        .query_one("/* pgsplit:primary */ SELECT count(*) FROM touched", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 6, "each run wrote its three rows once");
+    // Other reads are unaffected, and go to the replica.
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+}

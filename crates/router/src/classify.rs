@@ -26,6 +26,10 @@ mod query;
 mod statement;
 mod transaction;
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::RwLock;
+
 use cursor::{Cursor, End};
 
 use crate::deep::Deep;
@@ -64,7 +68,17 @@ impl Default for ClassifierConfig {
 pub struct Classifier {
     write_functions: Vec<String>,
     deep: Deep,
+    /// Statements a replica refused as writes (25006), by exact text.
+    learned: RwLock<HashSet<Box<str>>>,
+    /// Set once anything was learned, so the common case takes no lock.
+    has_learned: AtomicBool,
 }
+
+/// Statements learned as writes, at most (a bound on memory when an app
+/// generates endless distinct texts).
+const MAX_LEARNED: usize = 10_000;
+/// Longer statements are not learned.
+const MAX_LEARNED_TEXT: usize = 8 * 1024;
 
 impl Classifier {
     /// A classifier with the given extra write functions and cache size.
@@ -72,7 +86,31 @@ impl Classifier {
         Classifier {
             write_functions: cfg.write_functions,
             deep: Deep::new(cfg.cache_capacity),
+            learned: RwLock::default(),
+            has_learned: AtomicBool::new(false),
         }
+    }
+
+    /// Remembers `sql` as a write: a replica refused it with 25006 although
+    /// it looked like a read (a function that writes, on no list).
+    pub fn learn_write(&self, sql: &str) {
+        if sql.len() > MAX_LEARNED_TEXT {
+            return;
+        }
+        let mut set = self.learned.write().unwrap_or_else(|e| e.into_inner());
+        if set.len() < MAX_LEARNED {
+            set.insert(Box::from(sql));
+            self.has_learned.store(true, Relaxed);
+        }
+    }
+
+    fn learned_write(&self, sql: &str) -> bool {
+        self.has_learned.load(Relaxed)
+            && self
+                .learned
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(sql)
     }
 
     /// Classifies every statement in `sql` and combines them.
@@ -82,12 +120,17 @@ impl Classifier {
     /// cannot make sense of it either, it is [`StmtKind::Unknown`].
     pub fn classify(&self, sql: &str) -> Class {
         let fns = WriteFunctions::new(&self.write_functions);
-        scan(sql, &fns, |stmt| Some(self.deep.classify(stmt, &fns))).unwrap_or(Class {
-            kind: StmtKind::Unknown,
-            hint: None,
-            statements: 0,
-            stage: Stage::Parser,
-        })
+        let mut class =
+            scan(sql, &fns, |stmt| Some(self.deep.classify(stmt, &fns))).unwrap_or(Class {
+                kind: StmtKind::Unknown,
+                hint: None,
+                statements: 0,
+                stage: Stage::Parser,
+            });
+        if class.kind == StmtKind::Read && self.learned_write(sql) {
+            class.kind = StmtKind::Write;
+        }
+        class
     }
 
     /// Number of parser results currently cached.
@@ -194,6 +237,20 @@ mod tests {
 
     fn full(sql: &str) -> Class {
         Classifier::new(ClassifierConfig::default()).classify(sql)
+    }
+
+    #[test]
+    fn learned_writes_stay_writes() {
+        let c = Classifier::new(ClassifierConfig::default());
+        let sql = "SELECT app_touch(1)";
+        assert_eq!(c.classify(sql).kind, Read);
+        c.learn_write(sql);
+        assert_eq!(c.classify(sql).kind, Write);
+        assert_eq!(
+            c.classify("SELECT app_touch(2)").kind,
+            Read,
+            "exact text only"
+        );
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub struct Stats {
     pub unclassified: AtomicU64,
     /// Statements the lexer left to the full parser.
     pub parser_decided: AtomicU64,
+    /// Reads the replica refused as writes (25006), run again on the primary.
+    pub retried_on_primary: AtomicU64,
     pub clients_accepted: AtomicU64,
     pub clients_rejected: AtomicU64,
 }

@@ -38,6 +38,12 @@ impl Memo {
         }
         c
     }
+
+    /// Drops what is remembered about `sql` (it was learned to be a write).
+    pub fn forget(&mut self, sql: &str) {
+        self.entries.retain(|(t, _)| **t != *sql);
+        self.next = 0;
+    }
 }
 
 #[cfg(test)]

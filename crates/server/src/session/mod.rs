@@ -60,6 +60,9 @@ struct Pending {
     own: bool,
     /// One statement: when it fails, nothing of it was committed.
     single: bool,
+    /// A read sent to the replica that is run again on the primary if the
+    /// replica refuses it as a write (25006).
+    retryable: bool,
     /// A COPY: nothing may be pipelined behind it (the server would take
     /// it for COPY data), so the WAL position is asked for afterwards.
     copy: bool,
@@ -107,6 +110,14 @@ pub(crate) struct Backend {
     resets_in_flight: Vec<Reset>,
     /// Entries of the session's settings log applied on this connection.
     applied_sets: usize,
+    /// The front cycle is retryable and nothing of its answer that
+    /// commits to a result has arrived: its first bytes are held back.
+    hold: bool,
+    /// Bytes at the start of the read buffer held back (already scanned).
+    held: usize,
+    /// The replica refused the front cycle with 25006: its answer is
+    /// dropped up to its ReadyForQuery, then it runs on the primary.
+    retrying: bool,
 }
 
 impl Backend {
@@ -122,6 +133,9 @@ impl Backend {
             sets_in_flight: Vec::new(),
             resets_in_flight: Vec::new(),
             applied_sets: 0,
+            hold: false,
+            held: 0,
+            retrying: false,
         }
     }
 
@@ -211,6 +225,10 @@ pub(crate) struct Session {
     /// The write before the pending WAL-position query failed as a whole:
     /// its answer is not the session's write.
     ignore_lsn: bool,
+    /// The Query of the retryable read in flight on the replica.
+    retry: Option<Bytes>,
+    /// The replica refused `retry`: run it on the primary next.
+    retry_due: bool,
     cancel: CancelHandle,
     replica_retry_at: Option<Instant>,
     shutdown: CancellationToken,
@@ -284,6 +302,8 @@ impl Session {
             last_route: (Target::Replica, Reason::Read),
             lsn_due: None,
             ignore_lsn: false,
+            retry: None,
+            retry_due: false,
             cancel,
             replica_retry_at: None,
             shutdown,
@@ -319,6 +339,9 @@ impl Session {
             self.flush_client().await?;
             if self.lsn_due.is_some() && self.copy_in.is_none() {
                 self.send_due_lsn_query().await?;
+            }
+            if self.retry_due {
+                self.run_due_retry().await?;
             }
             let busy = [self.busy(Target::Primary), self.busy(Target::Replica)];
             // A pinned primary can speak unasked (NotificationResponse of a
@@ -636,6 +659,7 @@ impl Session {
             own: true,
             copy: false,
             single: false,
+            retryable: false,
         });
         out.push(Bytes::from_static(LSN_QUERY));
         // A simple query ends the unnamed statement on the server.
@@ -666,6 +690,7 @@ impl Session {
     }
 
     async fn on_query(&mut self, f: Frame) -> Result<(), Error> {
+        self.settle_retry().await?;
         let sql = frontend::query(f.body())?;
         let class = self.classify(sql);
         self.shared.stats.count_class(&class);
@@ -711,7 +736,18 @@ impl Session {
         let seq = self.seq;
         let writes = self.commits_write(class.kind, target);
         let copy = writes && effects::has_copy(sql);
+        let retryable = target == Target::Replica
+            && self.txn.is_none()
+            && self.last_route.1 == Reason::Read
+            && self.backends[idx(target)]
+                .as_ref()
+                .is_some_and(|b| b.pending.is_empty());
+        if retryable {
+            self.retry = Some(f.raw().clone());
+        }
         let b = self.backends[idx(target)].as_mut().expect("ensured");
+        b.hold = retryable;
+        b.held = 0;
         // Recorded before the write, so a failed write answers this query.
         b.pending.push_back(Pending {
             seq,
@@ -721,6 +757,7 @@ impl Session {
             own: false,
             copy,
             single: class.statements <= 1,
+            retryable,
         });
         b.sets_in_flight.extend(fx.sets);
         b.resets_in_flight.extend(fx.resets);
@@ -845,6 +882,68 @@ impl Session {
         Ok(())
     }
 
+    /// Before the next statement: a retryable read still on the replica is
+    /// answered first, and if the replica refused it, it runs again on the
+    /// primary, so replies stay in order.
+    async fn settle_retry(&mut self) -> Result<(), Error> {
+        if self.retry.is_some() {
+            self.drain(Target::Replica).await?;
+        }
+        self.run_due_retry().await
+    }
+
+    /// Runs the read the replica refused with 25006 on the primary, and
+    /// remembers its text as a write.
+    async fn run_due_retry(&mut self) -> Result<(), Error> {
+        if !std::mem::take(&mut self.retry_due) {
+            return Ok(());
+        }
+        let Some(raw) = self.retry.take() else {
+            return Ok(());
+        };
+        let Ok(sql) = frontend::query(&raw[frame::HEADER_BYTES..]) else {
+            return Ok(());
+        };
+        debug!("the replica refused a read as a write; running it on the primary");
+        self.shared.classifier.learn_write(sql);
+        self.memo.forget(sql);
+        self.shared
+            .stats
+            .retried_on_primary
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let class = Class {
+            kind: StmtKind::Write,
+            statements: 1,
+            ..EMPTY
+        };
+        let target = match self.target_for(&class).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.push_error(&e);
+                self.push_ready();
+                return Ok(());
+            }
+        };
+        self.seq += 1;
+        let seq = self.seq;
+        let b = self.backends[idx(target)].as_mut().expect("ensured");
+        b.pending.push_back(Pending {
+            seq,
+            extended: false,
+            commits: false,
+            writes: true,
+            own: false,
+            copy: false,
+            single: true,
+            retryable: false,
+        });
+        self.cancel.set(Some(b.running()));
+        self.stmts.mark_off("", target);
+        let mut out = vec![raw];
+        self.push_lsn_query(target, seq, &mut out);
+        self.send_raw(target, &out).await
+    }
+
     /// Relays everything both backends still owe the client, before the
     /// proxy answers something itself.
     async fn drain_all(&mut self) -> Result<(), Error> {
@@ -853,6 +952,7 @@ impl Session {
     }
 
     async fn dispatch_batch(&mut self, synced: bool) -> Result<(), Error> {
+        self.settle_retry().await?;
         let mut class = self.batch.class.unwrap_or(EMPTY);
         if !synced && self.bound.is_none() && self.txn.is_none() && !class.kind.needs_primary() {
             // Part of a batch goes out before its Sync: the rest runs in the
@@ -974,6 +1074,7 @@ impl Session {
                 own: false,
                 copy,
                 single: class.statements <= 1,
+                retryable: false,
             });
             if writes && !copy {
                 self.push_lsn_query(target, seq, &mut outgoing);

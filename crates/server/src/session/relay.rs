@@ -16,6 +16,7 @@ use super::statements::idx;
 use super::{CopyIn, Expect, Reset, Session};
 use crate::error::Error;
 use crate::replication::parse_lsn;
+use pgsplit_protocol::sqlstate::READ_ONLY_SQL_TRANSACTION;
 
 /// Backend messages the relay must see whole are small; a larger one of
 /// those kinds means the stream is broken.
@@ -24,7 +25,7 @@ const MAX_INSPECTED_BYTES: usize = 1 << 30;
 impl Session {
     /// Relays what arrived from `t`.
     pub(super) fn on_backend_data(&mut self, t: Target) -> Result<(), Error> {
-        let mut run = 0usize;
+        let mut run = self.backends[idx(t)].as_ref().map_or(0, |b| b.held);
         loop {
             let b = self.backends[idx(t)]
                 .as_mut()
@@ -46,6 +47,41 @@ impl Session {
             };
             let Some((tag, len)) = head else { break };
             use tag::backend as bt;
+            if b.hold || b.retrying {
+                if avail < len {
+                    break;
+                }
+                if b.retrying {
+                    // The refused read's answer: dropped, up to its end.
+                    let f = b.conn.rbuf.split_to(len);
+                    if tag == bt::READY_FOR_QUERY {
+                        b.retrying = false;
+                        b.status = msg::ready_for_query(&f[frame::HEADER_BYTES..])?;
+                        b.pending.pop_front();
+                        b.errored = false;
+                        self.retry_due = true;
+                    }
+                    continue;
+                }
+                match tag {
+                    bt::ROW_DESCRIPTION | bt::NOTICE_RESPONSE | bt::PARAMETER_STATUS => {
+                        run += len;
+                        continue;
+                    }
+                    bt::ERROR_RESPONSE => {
+                        let body = &b.conn.rbuf[run + frame::HEADER_BYTES..run + len];
+                        b.hold = false;
+                        if ErrorFields::parse(body)?.code == READ_ONLY_SQL_TRANSACTION {
+                            let _ = b.conn.rbuf.split_to(run + len);
+                            run = 0;
+                            b.retrying = true;
+                            continue;
+                        }
+                    }
+                    // Rows, a command tag, COPY: the answer stands.
+                    _ => b.hold = false,
+                }
+            }
             if b.pending.front().is_some_and(|p| p.own) {
                 // The proxy's own query: consumed here, never relayed.
                 if avail < len {
@@ -141,6 +177,13 @@ impl Session {
                 _ => unreachable!("only inspected tags reach here"),
             }
         }
+        let b = self.backends[idx(t)].as_mut().expect("exists");
+        if b.hold {
+            // Not flushed yet: the read may still be refused and retried.
+            b.held = run;
+            return Ok(());
+        }
+        b.held = 0;
         self.flush_run(t, &mut run);
         let b = self.backends[idx(t)].as_ref().expect("exists");
         if b.dead {
@@ -205,6 +248,10 @@ impl Session {
     fn on_ready(&mut self, t: Target, status: TxStatus) {
         let b = self.backends[idx(t)].as_mut().expect("exists");
         let done = b.pending.pop_front();
+        if done.is_some_and(|p| p.retryable) {
+            self.retry = None;
+        }
+        let b = self.backends[idx(t)].as_mut().expect("exists");
         if let Some(p) = done {
             // Whatever this cycle did not confirm was skipped after an error:
             // undo the optimistic bookkeeping.
