@@ -6,6 +6,7 @@
 //! Each test starts its own stack (cargo-nextest runs every test in its own
 //! process), so tests never share state and can stop servers freely.
 
+mod admin;
 mod auth;
 mod common;
 mod consistency;

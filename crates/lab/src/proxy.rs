@@ -10,6 +10,7 @@ use pgsplit_server::{CancellationToken, Config, Server, Shared};
 /// A running proxy; dropping it shuts it down and waits for it.
 pub struct RunningProxy {
     addr: SocketAddr,
+    admin: Option<SocketAddr>,
     shared: Arc<Shared>,
     stop: CancellationToken,
     thread: Option<JoinHandle<()>>,
@@ -23,6 +24,7 @@ impl RunningProxy {
     pub fn start(config: Config) -> std::io::Result<RunningProxy> {
         let server = Server::bind(config)?;
         let addr = server.local_addr()?;
+        let admin = server.admin_addr();
         let shared = server.shared().clone();
         let stop = CancellationToken::new();
         let token = stop.clone();
@@ -35,6 +37,7 @@ impl RunningProxy {
             })?;
         Ok(RunningProxy {
             addr,
+            admin,
             shared,
             stop,
             thread: Some(thread),
@@ -44,6 +47,11 @@ impl RunningProxy {
     /// Where clients connect.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin endpoint (`/metrics`, `/health`), if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
     }
 
     /// The proxy's shared state (configuration, counters).

@@ -79,7 +79,9 @@ impl Stack {
     /// `LabError::Config` when the overrides are invalid.
     pub fn proxy_config(&self, extra: &[String]) -> Result<Config, LabError> {
         let o = &self.opts.lab;
-        let mut set = self.opts.set.clone();
+        // Many labs run at once (tests): the admin endpoint takes a free port.
+        let mut set = vec!["admin.listen=127.0.0.1:0".to_owned()];
+        set.extend_from_slice(&self.opts.set);
         set.extend_from_slice(extra);
         let primary = if self.opts.primary_through_tunnel {
             self.tunnel.addr()
@@ -208,6 +210,9 @@ pub fn run_interactive(
         c.replica_addr()
     );
     println!("  pgsplit  {}", stack.proxy_addr());
+    if let Some(admin) = stack.proxy().admin_addr() {
+        println!("  metrics  http://{admin}/metrics   health  http://{admin}/health");
+    }
     println!();
     println!("  DATABASE_URL={url}");
     println!();

@@ -50,6 +50,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub routing: Routing,
     pub monitor: Monitor,
+    pub admin: Admin,
     /// Users clients may log in as.
     pub users: Vec<User>,
 }
@@ -72,6 +73,7 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             routing: Routing::default(),
             monitor: Monitor::default(),
+            admin: Admin::default(),
             users: Vec::new(),
         }
     }
@@ -208,6 +210,34 @@ pub enum OnStale {
     Replica,
     /// Refuse the read.
     Error,
+}
+
+/// The admin HTTP endpoint: `/metrics` and `/health`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Admin {
+    /// Address to serve on; `"off"` disables it.
+    #[serde(deserialize_with = "optional_addr")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            listen: Some("127.0.0.1:9930".parse().expect("literal")),
+        }
+    }
+}
+
+fn optional_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    s.trim()
+        .parse()
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("invalid address {s:?}: {e}")))
 }
 
 /// The replication monitor.

@@ -9,7 +9,8 @@
 //!   `session::relay` streams backend output to the client.
 //! - [`cancel`]: the client cancel keys and where each points now.
 //! - [`error`]: the proxy's errors and their SQLSTATEs, in one place.
-//! - [`stats`]: counters of routing decisions.
+//! - [`stats`]: counters of routing decisions; `admin` serves them and
+//!   the replication state over HTTP (`/metrics`, `/health`).
 //! - `monitor` polls both servers' WAL positions into [`replication`],
 //!   which sessions read to keep reads consistent and fresh.
 //! - [`stream`]: backend sockets, TCP or unix-domain.
@@ -17,6 +18,7 @@
 //! A client connection flows listener → auth → session; the session asks
 //! `pgsplit_router` where each statement goes and relays bytes unchanged.
 
+mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cancel;
@@ -71,6 +73,7 @@ impl Shared {
 /// A bound proxy, ready to run.
 pub struct Server {
     listener: std::net::TcpListener,
+    admin: Option<std::net::TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -82,10 +85,26 @@ impl Server {
     pub fn bind(config: Config) -> std::io::Result<Server> {
         let listener = std::net::TcpListener::bind(config.listen)?;
         listener.set_nonblocking(true)?;
+        let admin = match config.admin.listen {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("admin endpoint {addr}: {e}"))
+                })?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            None => None,
+        };
         Ok(Server {
             listener,
+            admin,
             shared: Arc::new(Shared::new(Arc::new(config))),
         })
+    }
+
+    /// The address of the admin endpoint (`/metrics`, `/health`), if any.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The address clients connect to.
@@ -131,7 +150,7 @@ impl Server {
                     .spawn(move || run_worker(inbox, shared, token, None))?,
             );
         }
-        let acceptor = Some((self.listener, senders));
+        let acceptor = Some((self.listener, self.admin, senders));
         let res = run_worker(first, self.shared, shutdown, acceptor);
         for t in threads {
             let _ = t.join();
@@ -142,6 +161,7 @@ impl Server {
 
 type Acceptor = (
     std::net::TcpListener,
+    Option<std::net::TcpListener>,
     Vec<tokio::sync::mpsc::UnboundedSender<listener::Accepted>>,
 );
 
@@ -156,7 +176,12 @@ fn run_worker(
         .build()?;
     rt.block_on(async move {
         let tracker = TaskTracker::new();
-        if let Some((l, senders)) = acceptor {
+        if let Some((l, admin, senders)) = acceptor {
+            if let Some(a) = admin {
+                let a = TcpListener::from_std(a)?;
+                info!(addr = %a.local_addr()?, "admin endpoint: /metrics, /health");
+                tokio::spawn(admin::serve(a, shared.clone(), shutdown.clone()));
+            }
             let listener = TcpListener::from_std(l)?;
             let addr = listener.local_addr()?;
             info!(%addr, primary = %shared.config.primary, replica = %shared.config.replica,

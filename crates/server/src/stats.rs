@@ -3,8 +3,23 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use pgsplit_router::route::{Choice, Decision};
+use pgsplit_router::route::{Choice, Decision, Reason};
 use pgsplit_router::{Class, Stage, StmtKind};
+
+/// Every routing reason, in the order of [`Stats::routed`].
+pub const REASONS: [Reason; 11] = [
+    Reason::Bound,
+    Reason::Transaction,
+    Reason::Pinned,
+    Reason::Hint,
+    Reason::Read,
+    Reason::Write,
+    Reason::ReadOnlyTransaction,
+    Reason::Unclassified,
+    Reason::Anywhere,
+    Reason::ReadYourWrites,
+    Reason::Stale,
+];
 
 /// Process-wide counters.
 #[derive(Debug, Default)]
@@ -12,6 +27,8 @@ pub struct Stats {
     pub routed_primary: AtomicU64,
     pub routed_replica: AtomicU64,
     pub routed_any: AtomicU64,
+    /// Decisions by [primary, replica, any open] and reason.
+    pub routed: [[AtomicU64; REASONS.len()]; 3],
     /// Statements neither classifier stage could decide (sent to the primary).
     pub unclassified: AtomicU64,
     /// Statements the lexer left to the full parser.
@@ -33,11 +50,42 @@ impl Stats {
     }
 
     pub fn count_route(&self, d: &Decision) {
-        let c = match d.choice {
-            Choice::Primary => &self.routed_primary,
-            Choice::Replica => &self.routed_replica,
-            Choice::AnyOpen => &self.routed_any,
+        let (c, i) = match d.choice {
+            Choice::Primary => (&self.routed_primary, 0),
+            Choice::Replica => (&self.routed_replica, 1),
+            Choice::AnyOpen => (&self.routed_any, 2),
         };
         c.fetch_add(1, Relaxed);
+        let r = REASONS.iter().position(|r| *r == d.reason).unwrap_or(0);
+        self.routed[i][r].fetch_add(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_a_counter() {
+        // A new reason fails to compile here until it is listed.
+        fn listed(r: Reason) -> bool {
+            match r {
+                Reason::Bound
+                | Reason::Transaction
+                | Reason::Pinned
+                | Reason::Hint
+                | Reason::Read
+                | Reason::Write
+                | Reason::ReadOnlyTransaction
+                | Reason::Unclassified
+                | Reason::Anywhere
+                | Reason::ReadYourWrites
+                | Reason::Stale => REASONS.contains(&r),
+            }
+        }
+        assert!(REASONS.iter().all(|r| listed(*r)));
+        let mut names: Vec<_> = REASONS.iter().map(|r| r.as_str()).collect();
+        names.dedup();
+        assert_eq!(names.len(), REASONS.len());
     }
 }

@@ -1,0 +1,257 @@
+//! The admin HTTP endpoint (`[admin] listen`): `GET /metrics` in the
+//! Prometheus text format and `GET /health` for load checks.
+//!
+//! The counters are the proxy's own atomics (`stats`, `replication`),
+//! rendered here on request: the relay path pays one relaxed increment per
+//! decision and nothing else, and no exporter owns a port or a thread. The
+//! HTTP side is the least that Prometheus, curl and load-balancer checks
+//! need: one request per connection, bounded in size and time.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::stats::REASONS;
+use crate::Shared;
+
+/// A request head larger than this is refused.
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// A client must send its request within this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves the admin endpoint until `shutdown`.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = listener.accept() => c,
+        };
+        match conn {
+            Ok((stream, _)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, &shared).await {
+                        debug!(cause = %e, "admin request failed");
+                    }
+                });
+            }
+            Err(e) => {
+                debug!(cause = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(512);
+    let head = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        loop {
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() > MAX_REQUEST_BYTES {
+                return Ok::<_, std::io::Error>(());
+            }
+            let mut chunk = [0u8; 1024];
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    let (status, ctype, body) = match head {
+        Err(_) => (408, "text/plain", "request timeout\n".to_owned()),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(())) if buf.len() > MAX_REQUEST_BYTES => {
+            (431, "text/plain", "request too large\n".to_owned())
+        }
+        Ok(Ok(())) => route(&buf, shared),
+    };
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Bad Request",
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await?;
+    // Unread input (a refused oversized request) would make the close a
+    // reset that can destroy the answer in flight: read a bounded rest.
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        let mut sink = [0u8; 4096];
+        let mut total = 0;
+        while total < 256 * 1024 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
+fn route(head: &[u8], shared: &Shared) -> (u16, &'static str, String) {
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET" | "HEAD", "/metrics") => (
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics(shared),
+        ),
+        ("GET" | "HEAD", "/health") => {
+            let (ok, body) = health(shared);
+            (if ok { 200 } else { 503 }, "application/json", body)
+        }
+        (_, "/metrics" | "/health") => (405, "text/plain", "method not allowed\n".into()),
+        _ => (
+            404,
+            "text/plain",
+            "not found: try /metrics or /health\n".into(),
+        ),
+    }
+}
+
+/// `/health`: healthy when the primary is reachable and the replica is up,
+/// replaying and within `max_replica_lag`.
+pub(crate) fn health(shared: &Shared) -> (bool, String) {
+    let rep = &shared.replication;
+    let bound = shared.config.routing.max_replica_lag;
+    let mut problems = Vec::new();
+    if !rep.primary_up() {
+        problems.push("primary unreachable".to_owned());
+    }
+    if let Some(st) = rep.stale(bound) {
+        problems.push(st.to_string());
+    }
+    let lag = rep
+        .lag_ms()
+        .map_or_else(|| "null".to_owned(), |ms| ms.to_string());
+    let ok = problems.is_empty();
+    let reasons = problems
+        .iter()
+        .map(|p| format!("\"{}\"", p.replace('"', "'")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let body = format!(
+        "{{\"status\":\"{}\",\"primary\":\"{}\",\"replica\":\"{}\",\"replica_lag_ms\":{lag},\"problems\":[{reasons}]}}\n",
+        if ok { "ok" } else { "degraded" },
+        if rep.primary_up() { "up" } else { "down" },
+        if rep.replica_up() { "up" } else { "down" },
+    );
+    (ok, body)
+}
+
+/// `/metrics` in the Prometheus text exposition format.
+pub(crate) fn metrics(shared: &Shared) -> String {
+    let mut out = String::with_capacity(4096);
+    let s = &shared.stats;
+    let rep = &shared.replication;
+    let mut gauge = |name: &str, help: &str, value: Option<f64>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        match value {
+            Some(v) => {
+                let _ = writeln!(out, "{name} {v}");
+            }
+            None => {
+                let _ = writeln!(out, "{name} NaN");
+            }
+        }
+    };
+    gauge(
+        "pgsplit_replica_lag_seconds",
+        "Replica lag in time (0 when it has replayed all the primary wrote).",
+        rep.lag_ms().map(|ms| ms as f64 / 1000.0),
+    );
+    gauge(
+        "pgsplit_replica_lag_bytes",
+        "WAL the replica has not replayed yet.",
+        rep.lag_bytes().map(|b| b as f64),
+    );
+    gauge(
+        "pgsplit_primary_up",
+        "1 when the monitor reaches the primary.",
+        Some(f64::from(u8::from(rep.primary_up()))),
+    );
+    gauge(
+        "pgsplit_replica_up",
+        "1 when the monitor reaches the replica.",
+        Some(f64::from(u8::from(rep.replica_up()))),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP pgsplit_routed_total Statements and batches routed, by target and reason.\n\
+         # TYPE pgsplit_routed_total counter"
+    );
+    for (i, target) in ["primary", "replica", "any"].iter().enumerate() {
+        for (j, reason) in REASONS.iter().enumerate() {
+            let n = s.routed[i][j].load(Relaxed);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "pgsplit_routed_total{{target=\"{target}\",reason=\"{}\"}} {n}",
+                    reason.as_str()
+                );
+            }
+        }
+    }
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    };
+    let ryw = s.routed[0][REASONS
+        .iter()
+        .position(|r| *r == pgsplit_router::route::Reason::ReadYourWrites)
+        .unwrap_or(0)]
+    .load(Relaxed);
+    counter(
+        "pgsplit_read_your_writes_redirects_total",
+        "Reads sent to the primary because the replica had not replayed the session's writes.",
+        ryw,
+    );
+    counter(
+        "pgsplit_read_only_retries_total",
+        "Reads the replica refused as writes (25006), run again on the primary.",
+        s.retried_on_primary.load(Relaxed),
+    );
+    counter(
+        "pgsplit_parser_fallbacks_total",
+        "Statements the lexical classifier left to the SQL parser.",
+        s.parser_decided.load(Relaxed),
+    );
+    counter(
+        "pgsplit_unclassified_total",
+        "Statements neither classifier stage could decide (sent to the primary).",
+        s.unclassified.load(Relaxed),
+    );
+    counter(
+        "pgsplit_clients_accepted_total",
+        "Client connections accepted.",
+        s.clients_accepted.load(Relaxed),
+    );
+    counter(
+        "pgsplit_clients_rejected_total",
+        "Client connections refused (limit, bad startup, failed login).",
+        s.clients_rejected.load(Relaxed),
+    );
+    out
+}
