@@ -150,16 +150,20 @@ impl Raw {
 
     /// Login as the default lab user (app/app, database app) at `addr`.
     pub async fn login_at(addr: std::net::SocketAddr) -> Raw {
+        Raw::login_with(addr, &[]).await
+    }
+
+    /// Login with extra startup parameters.
+    pub async fn login_with(addr: std::net::SocketAddr, extra: &[(&str, &str)]) -> Raw {
         let opts = pgsplit_lab::LabOptions::default();
         let mut raw = Raw::connect_at(addr).await;
         let mut b = bytes::BytesMut::new();
-        pgsplit_protocol::encode::startup_message(
-            &mut b,
-            &[
-                ("user", opts.user.as_str()),
-                ("database", opts.database.as_str()),
-            ],
-        );
+        let mut params = vec![
+            ("user", opts.user.as_str()),
+            ("database", opts.database.as_str()),
+        ];
+        params.extend_from_slice(extra);
+        pgsplit_protocol::encode::startup_message(&mut b, &params);
         raw.send(&b).await;
         let mut scram: Option<postgres_protocol_scram::Client> = None;
         loop {

@@ -386,3 +386,124 @@ async fn a_read_the_replica_refuses_as_a_write_runs_on_the_primary_once() {
         replica_port(&s)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgsplit_variables_in_the_extended_protocol_and_pipelines() {
+    let s = stack();
+    // A driver preparing by name and executing again (tokio-postgres).
+    let c = client(&s).await;
+    let stmt = c.prepare("SHOW pgsplit.read_your_writes").await.unwrap();
+    assert_eq!(stmt.columns()[0].name(), "pgsplit.read_your_writes");
+    for _ in 0..2 {
+        let v: String = c.query_one(&stmt, &[]).await.unwrap().get(0);
+        assert_eq!(v, "lsn");
+    }
+    c.execute("SET pgsplit.read_your_writes = 'session'", &[])
+        .await
+        .unwrap();
+    let v: String = c.query_one(&stmt, &[]).await.unwrap().get(0);
+    assert_eq!(v, "session", "evaluated at each execution");
+    let e = c.query_one("SHOW pgsplit.nope", &[]).await.unwrap_err();
+    assert_eq!(code(&e), "42704");
+
+    // Raw: unnamed Parse/Bind/Describe/Execute, pipelined with a server
+    // statement in its own batch, then a mixed batch (refused).
+    let mut raw = Raw::login(&s).await;
+    let mut b = BytesMut::new();
+    encode::parse(&mut b, "", "SHOW pgsplit.last_route", &[]);
+    encode::bind(&mut b, "", "", &[]);
+    encode::describe(&mut b, b'P', "");
+    encode::execute(&mut b, "", 0);
+    encode::sync(&mut b);
+    extended(&mut b, "SELECT inet_server_port()");
+    encode::parse(&mut b, "", "SHOW pgsplit.last_route", &[]);
+    encode::bind(&mut b, "", "", &[]);
+    encode::execute(&mut b, "", 0);
+    encode::sync(&mut b);
+    raw.send(&b).await;
+    let r = raw.replies(3).await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.values.len(), 3, "{r:?}");
+    assert_eq!(r.values[1], replica_port(&s).to_string());
+    assert_eq!(r.values[2], "replica (read)");
+
+    b.clear();
+    encode::parse(&mut b, "", "SHOW pgsplit.last_route", &[]);
+    encode::bind(&mut b, "", "", &[]);
+    encode::execute(&mut b, "", 0);
+    encode::parse(&mut b, "", "SELECT 1", &[]);
+    encode::bind(&mut b, "", "", &[]);
+    encode::execute(&mut b, "", 0);
+    encode::sync(&mut b);
+    extended(&mut b, "SELECT 2");
+    raw.send(&b).await;
+    let r = raw.replies(2).await;
+    assert_eq!(r.errors, ["0A000"], "{r:?}");
+    assert_eq!(r.values, ["2"], "the session goes on: {r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_may_wait_briefly_for_the_replica() {
+    let s = lagging_stack("300ms", &["routing.max_wait_for_replica=3s"]);
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE w (x int)").await.unwrap();
+    caught_up(&s);
+    c.batch_execute("INSERT INTO w VALUES (1)").await.unwrap();
+    let started = std::time::Instant::now();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM w", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the write is visible");
+    assert_eq!(show(&c, "pgsplit.last_route").await, "replica (read)");
+    assert!(started.elapsed() >= Duration::from_millis(200), "it waited");
+    // Without the wait, the read goes to the primary at once.
+    c.batch_execute("SET pgsplit.max_wait_for_replica = 0")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO w VALUES (2)").await.unwrap();
+    port_of(&c, "SELECT count(*) FROM w").await;
+    assert_eq!(
+        show(&c, "pgsplit.last_route").await,
+        "primary (read_your_writes)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_lag_is_reported_to_clients_that_opt_in() {
+    let s = stack();
+    let mut raw = Raw::login_with(s.proxy_addr(), &[("pgsplit.report_lag", "on")]).await;
+    let mut b = BytesMut::new();
+    encode::query(&mut b, "SELECT 1");
+    raw.send(&b).await;
+    let mut reported = None;
+    loop {
+        let f = raw.frame().await.expect("open");
+        match f.tag() {
+            b'S' => {
+                let body = f.body();
+                let mut parts = body.split(|&c| c == 0);
+                let k = String::from_utf8_lossy(parts.next().unwrap()).into_owned();
+                let v = String::from_utf8_lossy(parts.next().unwrap()).into_owned();
+                if k == "pgsplit_replica_lag_ms" {
+                    reported = Some(v);
+                }
+            }
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    let v = reported.expect("a pgsplit_replica_lag_ms ParameterStatus");
+    assert!(v == "unknown" || v.parse::<u64>().is_ok(), "{v}");
+    // Not sent to clients that did not ask.
+    let mut raw = Raw::login(&s).await;
+    raw.send(&b).await;
+    loop {
+        let f = raw.frame().await.expect("open");
+        assert_ne!(f.tag(), b'S');
+        if f.tag() == b'Z' {
+            break;
+        }
+    }
+}

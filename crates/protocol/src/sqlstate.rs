@@ -15,6 +15,7 @@ pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
 pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
 pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: &str = "25P03";
 pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
+pub const INVALID_CURSOR_NAME: &str = "34000";
 pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
 pub const TOO_MANY_CONNECTIONS: &str = "53300";
 pub const QUERY_CANCELED: &str = "57014";

@@ -147,7 +147,10 @@ impl BackendConn {
         let mut params: Vec<(&str, &str)> =
             vec![("user", login.user), ("database", login.database)];
         for (k, v) in login.params {
-            if !matches!(k.as_str(), "user" | "database" | "replication") {
+            // pgsplit.* options are the proxy's own (e.g. pgsplit.report_lag).
+            if !matches!(k.as_str(), "user" | "database" | "replication")
+                && !k.starts_with("pgsplit.")
+            {
                 params.push((k, v));
             }
         }

@@ -142,6 +142,12 @@ pub struct Routing {
     /// What a read does when the replica is past the bound, down or not
     /// replaying.
     pub on_stale: OnStale,
+    /// A read held back by read-your-writes (or `pgsplit.min_lsn`) waits
+    /// up to this long for the replica to catch up before it goes to the
+    /// primary: worth it when the tunnel's round trip is longer than the
+    /// usual replay delay. 0 = never wait.
+    #[serde(deserialize_with = "duration")]
+    pub max_wait_for_replica: Duration,
 }
 
 impl Default for Routing {
@@ -154,6 +160,7 @@ impl Default for Routing {
             read_your_writes_window: Duration::from_secs(1),
             max_replica_lag: Duration::from_secs(5),
             on_stale: OnStale::Primary,
+            max_wait_for_replica: Duration::ZERO,
         }
     }
 }

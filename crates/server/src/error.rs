@@ -74,6 +74,12 @@ pub enum Error {
     /// Not implemented yet: refused rather than done wrong.
     #[error("{0} is not supported by pgsplit")]
     NotSupported(&'static str),
+    #[error("prepared statement \"{0}\" already exists")]
+    DuplicateStatement(String),
+    #[error("prepared statement \"{0}\" does not exist")]
+    UnknownStatement(String),
+    #[error("portal \"{0}\" does not exist")]
+    UnknownPortal(String),
     #[error("unrecognized configuration parameter \"pgsplit.{0}\"")]
     UnknownVariable(String),
     #[error("invalid value for parameter \"pgsplit.{name}\": \"{value}\"")]
@@ -143,6 +149,9 @@ impl Error {
             Error::NotSupported(_) => (Severity::Error, FEATURE_NOT_SUPPORTED),
             Error::InFailedBlock => (Severity::Error, IN_FAILED_SQL_TRANSACTION),
             Error::UnknownVariable(_) => (Severity::Error, UNDEFINED_OBJECT),
+            Error::DuplicateStatement(_) => (Severity::Error, DUPLICATE_PREPARED_STATEMENT),
+            Error::UnknownStatement(_) => (Severity::Error, INVALID_SQL_STATEMENT_NAME),
+            Error::UnknownPortal(_) => (Severity::Error, INVALID_CURSOR_NAME),
             Error::InvalidVariable { .. } => (Severity::Error, INVALID_PARAMETER_VALUE),
             Error::ReadOnlyVariable(_) => (Severity::Error, CANT_CHANGE_RUNTIME_PARAM),
             Error::StaleReplica(..) => (Severity::Error, OBJECT_NOT_IN_PREREQUISITE_STATE),

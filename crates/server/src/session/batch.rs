@@ -46,6 +46,8 @@ pub(super) struct Batch {
     pub bytes: usize,
     /// Combined class of the statements it parses or binds.
     pub class: Option<Class>,
+    /// It parses a `pgsplit.*` statement (answered by the proxy).
+    pub local: bool,
 }
 
 impl Batch {
@@ -54,6 +56,7 @@ impl Batch {
         self.meta.clear();
         self.bytes = 0;
         self.class = None;
+        self.local = false;
     }
 
     pub fn is_empty(&self) -> bool {

@@ -11,6 +11,7 @@
 
 mod batch;
 mod effects;
+mod local;
 mod memo;
 mod relay;
 mod settings;
@@ -225,6 +226,13 @@ pub(crate) struct Session {
     /// The write before the pending WAL-position query failed as a whole:
     /// its answer is not the session's write.
     ignore_lsn: bool,
+    /// The client asked for `pgsplit_replica_lag_ms` ParameterStatus
+    /// messages (startup option `pgsplit.report_lag=on`).
+    report_lag: bool,
+    /// The last value sent (`Some(None)`: "unknown").
+    reported_lag: Option<Option<u64>>,
+    /// Portals bound to local (`pgsplit.*`) statements: (portal, statement).
+    local_portals: Vec<(String, String)>,
     /// The Query of the retryable read in flight on the replica.
     retry: Option<Bytes>,
     /// The replica refused `retry`: run it on the primary next.
@@ -268,6 +276,9 @@ impl Session {
         let mut backends = [None, None];
         let t = first.target;
         let vars = vars::Vars::new(&shared.config);
+        let report_lag = params
+            .iter()
+            .any(|(k, v)| k == "pgsplit.report_lag" && vars::is_on(v));
         backends[idx(t)] = Some(Backend::new(first));
         Session {
             shared,
@@ -304,6 +315,9 @@ impl Session {
             ignore_lsn: false,
             retry: None,
             retry_due: false,
+            local_portals: Vec::new(),
+            report_lag,
+            reported_lag: None,
             cancel,
             replica_retry_at: None,
             shutdown,
@@ -503,6 +517,11 @@ impl Session {
             t::PARSE => {
                 let p = Parse::parse(f.body())?;
                 let class = self.classify(p.sql);
+                if matches!(class.kind, StmtKind::Read | StmtKind::Session)
+                    && vars::parse(p.sql).is_some()
+                {
+                    self.batch.local = true;
+                }
                 if (self.pinned || class.kind == StmtKind::Pin) && effects::may_unpin(p.sql) {
                     self.releasing = true;
                 }
@@ -520,6 +539,9 @@ impl Session {
                 if let Some(c) = self.statement_class(b.statement) {
                     self.batch.add_class(c);
                 }
+                if self.stmts.get(b.statement).is_some_and(|s| s.local) {
+                    self.batch.local = true;
+                }
                 let start = b.portal.len() + 1;
                 Meta::Uses {
                     start,
@@ -530,6 +552,9 @@ impl Session {
                 Object::Statement(name) => {
                     if let Some(c) = self.statement_class(name) {
                         self.batch.add_class(c);
+                    }
+                    if self.stmts.get(name).is_some_and(|s| s.local) {
+                        self.batch.local = true;
                     }
                     Meta::Uses {
                         start: 1,
@@ -793,12 +818,22 @@ impl Session {
                 self.recheck_pin().await?;
             }
         }
+        let mut waited = false;
         let (decision, wanted) = loop {
             let decision = route::route(class, &self.state());
             let wanted = self.resolve(decision.choice);
             if self.busy(other(wanted)) {
                 self.drain(other(wanted)).await?;
                 continue;
+            }
+            if decision.reason == Reason::ReadYourWrites && !waited && !self.vars.max_wait.is_zero()
+            {
+                // Worth a short wait when the replica is about to catch up
+                // and the primary is a slow tunnel away.
+                waited = true;
+                if self.wait_for_replica().await {
+                    continue;
+                }
             }
             break (decision, wanted);
         };
@@ -841,6 +876,14 @@ impl Session {
             }
         }
         self.last_route = (target, decision.reason);
+        if self.report_lag {
+            let lag = self.shared.replication.lag_ms();
+            if self.reported_lag != Some(lag) {
+                self.reported_lag = Some(lag);
+                let v = lag.map_or_else(|| "unknown".to_owned(), |l| l.to_string());
+                self.push_own(|b| encode::parameter_status(b, "pgsplit_replica_lag_ms", &v));
+            }
+        }
         if decision.pin {
             self.pinned = true;
         }
@@ -850,6 +893,23 @@ impl Session {
         debug!(target = ?target, reason = decision.reason.as_str(), kind = ?class.kind, "routed");
         self.prepare_backend(target).await?;
         Ok(target)
+    }
+
+    /// Waits up to `max_wait_for_replica` for the replica to reach this
+    /// session's writes; true when it did.
+    async fn wait_for_replica(&mut self) -> bool {
+        let deadline = Instant::now() + self.vars.max_wait;
+        loop {
+            if self.freshness() == Freshness::Fresh {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let step = (deadline - now).min(std::time::Duration::from_millis(2));
+            tokio::time::sleep(step).await;
+        }
     }
 
     /// Asks the primary whether the state that pinned the session is still
@@ -971,6 +1031,9 @@ impl Session {
                 self.skip_until_sync = true;
             }
             return Ok(());
+        }
+        if self.batch_is_local() {
+            return self.answer_local_batch(synced).await;
         }
         let target = match self.target_for(&class).await {
             Ok(t) => t,

@@ -29,6 +29,8 @@ pub struct Stmt {
     pub class: Class,
     /// Exists on [primary, replica].
     pub on: [bool; 2],
+    /// A `pgsplit.*` statement the proxy answers itself; on no server.
+    pub local: bool,
 }
 
 /// All of a session's statements.
@@ -79,11 +81,45 @@ impl Statements {
                 s.parse = parse;
                 s.class = class;
                 s.on = on;
+                s.local = false;
             }
-            None if name.is_empty() => self.unnamed = Some(Stmt { parse, class, on }),
+            None if name.is_empty() => {
+                self.unnamed = Some(Stmt {
+                    parse,
+                    class,
+                    on,
+                    local: false,
+                })
+            }
             None => {
-                self.map.insert(name.to_owned(), Stmt { parse, class, on });
+                let local = false;
+                self.map.insert(
+                    name.to_owned(),
+                    Stmt {
+                        parse,
+                        class,
+                        on,
+                        local,
+                    },
+                );
             }
+        }
+    }
+
+    /// A `pgsplit.*` statement the proxy answers itself. The unnamed one
+    /// replaces the unnamed statement on every backend for the client, so
+    /// the backends' copies no longer count.
+    pub fn define_local(&mut self, name: &str, parse: Bytes, class: Class) {
+        let s = Stmt {
+            parse,
+            class,
+            on: [false; 2],
+            local: true,
+        };
+        if name.is_empty() {
+            self.unnamed = Some(s);
+        } else {
+            self.map.insert(name.to_owned(), s);
         }
     }
 

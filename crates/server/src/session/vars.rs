@@ -16,6 +16,9 @@ pub(super) struct Vars {
     pub read_your_writes: ReadYourWrites,
     pub window: Duration,
     pub max_staleness: Duration,
+    /// How long a read may wait for the replica to catch up with the
+    /// session before it goes to the primary instead.
+    pub max_wait: Duration,
     /// Reads wait for (or avoid a replica short of) this WAL position: a
     /// causal token from another node's `SHOW pgsplit.write_lsn`.
     pub min_lsn: u64,
@@ -27,6 +30,7 @@ impl Vars {
             read_your_writes: cfg.routing.read_your_writes,
             window: cfg.routing.read_your_writes_window,
             max_staleness: cfg.routing.max_replica_lag,
+            max_wait: cfg.routing.max_wait_for_replica,
             min_lsn: 0,
         }
     }
@@ -45,14 +49,16 @@ pub(super) enum Command {
 pub(super) fn parse(sql: &str) -> Option<Command> {
     let sql = sql.trim().trim_end_matches(';').trim_end();
     let (verb, rest) = split_word(sql)?;
-    let verb = verb.to_ascii_lowercase();
-    let rest = match verb.as_str() {
+    // Cheap rejection first: this runs for every single-statement read.
+    let verb = ["show", "set", "reset"]
+        .into_iter()
+        .find(|v| verb.eq_ignore_ascii_case(v))?;
+    let rest = match verb {
         "set" => match split_word(rest) {
             Some((w, r)) if w.eq_ignore_ascii_case("session") => r,
             _ => rest,
         },
-        "show" | "reset" => rest,
-        _ => return None,
+        _ => rest,
     };
     let rest = rest.trim_start();
     let name_end = rest
@@ -64,7 +70,7 @@ pub(super) fn parse(sql: &str) -> Option<Command> {
         .filter(|p| p.eq_ignore_ascii_case("pgsplit."))
         .map(|_| full[8..].to_ascii_lowercase())?;
     let tail = rest[name_end..].trim_start();
-    match verb.as_str() {
+    match verb {
         "show" | "reset" if tail.is_empty() => Some(if verb == "show" {
             Command::Show(name)
         } else {
@@ -125,6 +131,10 @@ impl Vars {
                 self.window = parse_duration(value)
                     .map_err(|_| SetError::Invalid("a duration such as 500ms or 5s"))?;
             }
+            "max_wait_for_replica" => {
+                self.max_wait = parse_duration(value)
+                    .map_err(|_| SetError::Invalid("a duration such as 50ms"))?;
+            }
             "min_lsn" => {
                 self.min_lsn = parse_lsn(value)
                     .ok_or(SetError::Invalid("a WAL position such as 0/3000148"))?;
@@ -142,12 +152,21 @@ impl Vars {
             "read_your_writes" => self.read_your_writes = d.read_your_writes,
             "max_staleness" => self.max_staleness = d.max_staleness,
             "read_your_writes_window" => self.window = d.window,
+            "max_wait_for_replica" => self.max_wait = d.max_wait,
             "min_lsn" => self.min_lsn = 0,
             "write_lsn" | "replica_lag" | "last_route" => return Err(SetError::ReadOnly),
             _ => return Err(SetError::Unknown),
         }
         Ok(())
     }
+}
+
+/// A boolean option value as PostgreSQL spells it.
+pub(super) fn is_on(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "on" | "true" | "yes" | "1"
+    )
 }
 
 /// Formats a duration the way `SHOW` prints one (`500ms`, `5s`).
@@ -160,20 +179,20 @@ pub(super) fn show_duration(d: Duration) -> String {
     }
 }
 
-impl super::Session {
-    /// Answers a `pgsplit.*` statement in the simple protocol.
-    pub(super) fn answer_var(&mut self, cmd: Command) {
-        use pgsplit_protocol::backend::TxStatus;
-        use pgsplit_protocol::encode;
+/// What a `pgsplit.*` statement returns: at most one row of one text
+/// column, and a command tag.
+pub(super) struct Answer {
+    /// (column name, value) for SHOW.
+    pub row: Option<(String, String)>,
+    pub tag: &'static str,
+}
 
+impl super::Session {
+    /// Runs a `pgsplit.*` statement against the session.
+    pub(super) fn run_var(&mut self, cmd: Command) -> Result<Answer, crate::error::Error> {
         use crate::error::Error;
         use crate::replication::format_lsn;
 
-        if self.client_status() == TxStatus::Failed {
-            self.push_error(&Error::InFailedBlock);
-            self.push_ready();
-            return;
-        }
         let refused = |name: String, value: String, e: SetError| match e {
             SetError::Unknown => Error::UnknownVariable(name),
             SetError::ReadOnly => Error::ReadOnlyVariable(name),
@@ -185,49 +204,73 @@ impl super::Session {
         };
         match cmd {
             Command::Set(name, value) => match self.vars.set(&name, &value) {
-                Ok(()) => self.push_own(|b| encode::command_complete(b, "SET")),
-                Err(e) => self.push_error(&refused(name, value, e)),
+                Ok(()) => Ok(Answer {
+                    row: None,
+                    tag: "SET",
+                }),
+                Err(e) => Err(refused(name, value, e)),
             },
             Command::Reset(name) => {
                 let cfg = self.shared.config.clone();
                 match self.vars.reset(&name, &cfg) {
-                    Ok(()) => self.push_own(|b| encode::command_complete(b, "RESET")),
-                    Err(e) => self.push_error(&refused(name, String::new(), e)),
+                    Ok(()) => Ok(Answer {
+                        row: None,
+                        tag: "RESET",
+                    }),
+                    Err(e) => Err(refused(name, String::new(), e)),
                 }
             }
             Command::Show(name) => {
                 let rep = &self.shared.replication;
                 let value = match name.as_str() {
-                    "read_your_writes" => Some(self.vars.read_your_writes.as_str().to_owned()),
-                    "max_staleness" => Some(show_duration(self.vars.max_staleness)),
-                    "read_your_writes_window" => Some(show_duration(self.vars.window)),
-                    "min_lsn" => Some(format_lsn(self.vars.min_lsn)),
-                    "write_lsn" => Some(format_lsn(self.write_lsn)),
-                    "replica_lag" => Some(if !rep.replica_up() {
-                        "unknown (replica unreachable)".to_owned()
-                    } else {
-                        rep.lag_ms()
-                            .map_or_else(|| "unknown".to_owned(), |ms| format!("{ms}ms"))
-                    }),
-                    "last_route" => Some(format!(
+                    "read_your_writes" => self.vars.read_your_writes.as_str().to_owned(),
+                    "max_staleness" => show_duration(self.vars.max_staleness),
+                    "read_your_writes_window" => show_duration(self.vars.window),
+                    "max_wait_for_replica" => show_duration(self.vars.max_wait),
+                    "min_lsn" => format_lsn(self.vars.min_lsn),
+                    "write_lsn" => format_lsn(self.write_lsn),
+                    "replica_lag" => {
+                        if !rep.replica_up() {
+                            "unknown (replica unreachable)".to_owned()
+                        } else {
+                            rep.lag_ms()
+                                .map_or_else(|| "unknown".to_owned(), |ms| format!("{ms}ms"))
+                        }
+                    }
+                    "last_route" => format!(
                         "{} ({})",
                         crate::error::target_name(self.last_route.0),
                         self.last_route.1.as_str()
-                    )),
-                    _ => None,
+                    ),
+                    _ => return Err(Error::UnknownVariable(name)),
                 };
-                match value {
-                    Some(v) => {
-                        let column = format!("pgsplit.{name}");
-                        self.push_own(|b| {
-                            encode::row_description_text(b, &[&column]);
-                            encode::data_row_text(b, &[Some(&v)]);
-                            encode::command_complete(b, "SHOW");
-                        });
-                    }
-                    None => self.push_error(&Error::UnknownVariable(name)),
-                }
+                Ok(Answer {
+                    row: Some((format!("pgsplit.{name}"), value)),
+                    tag: "SHOW",
+                })
             }
+        }
+    }
+
+    /// Answers a `pgsplit.*` statement in the simple protocol.
+    pub(super) fn answer_var(&mut self, cmd: Command) {
+        use pgsplit_protocol::backend::TxStatus;
+        use pgsplit_protocol::encode;
+
+        if self.client_status() == TxStatus::Failed {
+            self.push_error(&crate::error::Error::InFailedBlock);
+            self.push_ready();
+            return;
+        }
+        match self.run_var(cmd) {
+            Ok(a) => self.push_own(|b| {
+                if let Some((column, value)) = &a.row {
+                    encode::row_description_text(b, &[column]);
+                    encode::data_row_text(b, &[Some(value)]);
+                }
+                encode::command_complete(b, a.tag);
+            }),
+            Err(e) => self.push_error(&e),
         }
         self.push_ready();
     }
