@@ -15,4 +15,5 @@ mod pipeline;
 mod protocol;
 mod routing;
 mod session;
+mod timeouts;
 mod tools;

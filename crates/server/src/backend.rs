@@ -36,6 +36,8 @@ pub enum BackendError {
     },
     #[error("timed out after {0:?} connecting to the server")]
     Timeout(Duration),
+    #[error("the primary link is down: no heartbeat answer within {0:?}")]
+    LinkDown(Duration),
     #[error("connection to the server lost: {0}")]
     Io(#[from] std::io::Error),
     #[error("server closed the connection during login")]

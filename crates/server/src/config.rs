@@ -106,6 +106,46 @@ pub struct Timeouts {
     /// How long shutdown waits for sessions to reach a transaction boundary.
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// A statement (or extended-protocol batch) running longer is
+    /// cancelled by the proxy; 0 = off, as in PostgreSQL.
+    #[serde(deserialize_with = "duration")]
+    pub statement_timeout: Duration,
+    /// After a write's or COMMIT's deadline (or the loss of its
+    /// connection) the proxy tries this long to learn whether it committed
+    /// before answering 08007.
+    #[serde(deserialize_with = "duration")]
+    pub commit_resolution_timeout: Duration,
+    /// A client idle inside a transaction block longer than this has its
+    /// transaction rolled back and its session ended (FATAL 25P03); 0 = off.
+    #[serde(deserialize_with = "duration")]
+    pub idle_in_transaction_timeout: Duration,
+    /// A session's backend connection unused for this long is closed (and
+    /// opened again when needed); 0 = never.
+    #[serde(deserialize_with = "duration")]
+    pub server_idle_timeout: Duration,
+    /// A backend connection older than this is replaced at its next idle
+    /// moment; 0 = never.
+    #[serde(deserialize_with = "duration")]
+    pub server_lifetime: Duration,
+    /// Overrides for connections to the primary.
+    pub primary: TargetTimeouts,
+    /// Overrides for connections to the replica.
+    pub replica: TargetTimeouts,
+}
+
+/// Per-target overrides of [`Timeouts`] (`[timeouts.primary]`,
+/// `[timeouts.replica]`); unset keys use the global value.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TargetTimeouts {
+    #[serde(deserialize_with = "some_duration")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(deserialize_with = "some_duration")]
+    pub statement_timeout: Option<Duration>,
+    #[serde(deserialize_with = "some_duration")]
+    pub server_idle_timeout: Option<Duration>,
+    #[serde(deserialize_with = "some_duration")]
+    pub server_lifetime: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -114,6 +154,41 @@ impl Default for Timeouts {
             connect_timeout: Duration::from_secs(5),
             client_auth_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
+            statement_timeout: Duration::ZERO,
+            commit_resolution_timeout: Duration::from_secs(10),
+            idle_in_transaction_timeout: Duration::ZERO,
+            server_idle_timeout: Duration::ZERO,
+            server_lifetime: Duration::ZERO,
+            primary: TargetTimeouts::default(),
+            replica: TargetTimeouts::default(),
+        }
+    }
+}
+
+/// The timeouts that apply to one target, overrides resolved.
+#[derive(Debug, Clone, Copy)]
+pub struct Effective {
+    pub connect_timeout: Duration,
+    pub statement_timeout: Option<Duration>,
+    pub server_idle_timeout: Option<Duration>,
+    pub server_lifetime: Option<Duration>,
+}
+
+impl Timeouts {
+    /// The timeouts for connections to the primary (`primary = true`) or
+    /// the replica.
+    pub fn for_target(&self, primary: bool) -> Effective {
+        let o = if primary {
+            &self.primary
+        } else {
+            &self.replica
+        };
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        Effective {
+            connect_timeout: o.connect_timeout.unwrap_or(self.connect_timeout),
+            statement_timeout: nonzero(o.statement_timeout.unwrap_or(self.statement_timeout)),
+            server_idle_timeout: nonzero(o.server_idle_timeout.unwrap_or(self.server_idle_timeout)),
+            server_lifetime: nonzero(o.server_lifetime.unwrap_or(self.server_lifetime)),
         }
     }
 }
@@ -254,6 +329,11 @@ pub struct Monitor {
     /// How often the WAL positions of both servers are polled.
     #[serde(deserialize_with = "duration")]
     pub interval: Duration,
+    /// The primary poll doubles as the heartbeat of the primary link: when
+    /// it gets no answer within this, the link is down (a black-holed
+    /// tunnel keeps TCP happy, so only an answer proves it alive).
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_timeout: Duration,
     /// Login for the monitor's connections; defaults to the first user's
     /// server credentials.
     pub user: Option<String>,
@@ -266,6 +346,7 @@ impl Default for Monitor {
     fn default() -> Self {
         Monitor {
             interval: Duration::from_millis(100),
+            heartbeat_timeout: Duration::from_secs(3),
             user: None,
             password: None,
             database: "postgres".into(),
@@ -338,6 +419,10 @@ impl User {
             }
         })
     }
+}
+
+fn some_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -472,6 +557,26 @@ impl Config {
         }
         if self.max_client_connections == 0 {
             return Err(invalid("max_client_connections", "must be at least 1"));
+        }
+        for (key, t) in [
+            (
+                "timeouts.primary.connect_timeout",
+                self.timeouts.primary.connect_timeout,
+            ),
+            (
+                "timeouts.replica.connect_timeout",
+                self.timeouts.replica.connect_timeout,
+            ),
+        ] {
+            if t.is_some_and(|t| t.is_zero()) {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.monitor.heartbeat_timeout.is_zero() {
+            return Err(invalid(
+                "monitor.heartbeat_timeout",
+                "must be greater than 0",
+            ));
         }
         if self.timeouts.connect_timeout.is_zero() {
             return Err(invalid(

@@ -74,6 +74,14 @@ pub enum Error {
     /// Not implemented yet: refused rather than done wrong.
     #[error("{0} is not supported by pgsplit")]
     NotSupported(&'static str),
+    /// The proxy's `statement_timeout` passed.
+    #[error("canceling statement due to statement timeout")]
+    StatementTimeout,
+    /// A write or COMMIT whose outcome could not be learned in time.
+    #[error("the outcome of the transaction is unknown: the connection to the primary was lost after the commit was sent and it could not be resolved in time")]
+    TransactionResolutionUnknown,
+    #[error("terminating connection due to idle-in-transaction timeout")]
+    IdleInTransactionTimeout,
     #[error("prepared statement \"{0}\" already exists")]
     DuplicateStatement(String),
     #[error("prepared statement \"{0}\" does not exist")]
@@ -149,6 +157,13 @@ impl Error {
             Error::NotSupported(_) => (Severity::Error, FEATURE_NOT_SUPPORTED),
             Error::InFailedBlock => (Severity::Error, IN_FAILED_SQL_TRANSACTION),
             Error::UnknownVariable(_) => (Severity::Error, UNDEFINED_OBJECT),
+            Error::StatementTimeout => (Severity::Error, QUERY_CANCELED),
+            Error::TransactionResolutionUnknown => {
+                (Severity::Error, TRANSACTION_RESOLUTION_UNKNOWN)
+            }
+            Error::IdleInTransactionTimeout => {
+                (Severity::Fatal, IDLE_IN_TRANSACTION_SESSION_TIMEOUT)
+            }
             Error::DuplicateStatement(_) => (Severity::Error, DUPLICATE_PREPARED_STATEMENT),
             Error::UnknownStatement(_) => (Severity::Error, INVALID_SQL_STATEMENT_NAME),
             Error::UnknownPortal(_) => (Severity::Error, INVALID_CURSOR_NAME),

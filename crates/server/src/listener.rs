@@ -268,13 +268,12 @@ async fn first_backend(
         database: s.database().unwrap_or_default(),
         params: &s.params,
     };
-    let t = cfg.timeouts.connect_timeout;
     let replica_err = match BackendConn::connect(
         Target::Replica,
         &cfg.replica.host,
         cfg.replica.port,
         &login,
-        t,
+        cfg.timeouts.for_target(false).connect_timeout,
     )
     .await
     {
@@ -296,7 +295,7 @@ async fn first_backend(
         &cfg.primary.host,
         cfg.primary.port,
         &login,
-        t,
+        cfg.timeouts.for_target(true).connect_timeout,
     )
     .await
     {

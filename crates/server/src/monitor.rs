@@ -10,7 +10,6 @@
 //! known about the local replica.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use pgsplit_router::Target;
 use tokio_util::sync::CancellationToken;
@@ -52,10 +51,21 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             poll(&shared, Target::Primary, &mut primary, &login, PRIMARY_POLL),
             poll(&shared, Target::Replica, &mut replica, &login, REPLICA_POLL),
         );
-        shared.replication.set_primary(
-            p.and_then(|row| row.first().cloned().flatten().and_then(|s| parse_lsn(&s))),
-        );
-        shared.replication.set_replica(r.map(|row| {
+        // A server that answers with an error (or refuses the monitor's
+        // login) is reachable: that says nothing about the link, so the
+        // state is left as it was rather than failing writes.
+        if p != Err(Failure::Refused) {
+            let silent = p == Err(Failure::Silent);
+            shared.replication.set_primary(
+                p.ok()
+                    .and_then(|row| row.first().cloned().flatten().and_then(|s| parse_lsn(&s))),
+                silent,
+            );
+        }
+        if r == Err(Failure::Refused) {
+            continue;
+        }
+        shared.replication.set_replica(r.ok().map(|row| {
             let col = |i: usize| row.get(i).cloned().flatten();
             ReplicaPoll {
                 in_recovery: col(0).as_deref() == Some("true"),
@@ -66,27 +76,43 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
-/// One bounded poll of one server; `None` when it is down (the connection
-/// is then dropped and made again next time).
+/// Why a poll returned nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// No answer in time, or no connection: the server or the link is down.
+    Down,
+    /// The server answered with an error or refused the login.
+    Refused,
+    /// An existing connection turned out closed (tried again at once).
+    Broken,
+    /// No answer within the bound: a black-holed link looks like this.
+    Silent,
+}
+
+type Row = Vec<Option<String>>;
+
+/// One bounded poll of one server (the connection is dropped and made
+/// again next time when it failed).
 async fn poll(
     shared: &Shared,
     t: Target,
     conn: &mut Option<BackendConn>,
     login: &Login<'_>,
     sql: &str,
-) -> Option<Vec<Option<String>>> {
+) -> Result<Row, Failure> {
     // A connection found dead (the server restarted it, or an operator
     // killed it) is replaced at once: only a failed fresh connection
     // means the server is down.
     for _ in 0..2 {
         let fresh = conn.is_none();
         match poll_once(shared, t, conn, login, sql).await {
-            Some(row) => return Some(row),
-            None if fresh || conn.is_some() => return None,
-            None => {}
+            Ok(row) => return Ok(row),
+            Err(Failure::Broken) if !fresh => {}
+            Err(Failure::Broken) => return Err(Failure::Down),
+            Err(f) => return Err(f),
         }
     }
-    None
+    Err(Failure::Down)
 }
 
 async fn poll_once(
@@ -95,9 +121,17 @@ async fn poll_once(
     conn: &mut Option<BackendConn>,
     login: &Login<'_>,
     sql: &str,
-) -> Option<Vec<Option<String>>> {
+) -> Result<Row, Failure> {
     let cfg = &shared.config;
-    let bound = cfg.timeouts.connect_timeout;
+    let primary = t == Target::Primary;
+    let bound = cfg.timeouts.for_target(primary).connect_timeout;
+    // The primary poll is the link's heartbeat.
+    let (bound, answer_bound) = if primary {
+        let hb = cfg.monitor.heartbeat_timeout;
+        (bound.min(hb), hb)
+    } else {
+        (bound, bound)
+    };
     if conn.is_none() {
         let addr = match t {
             Target::Primary => &cfg.primary,
@@ -105,29 +139,40 @@ async fn poll_once(
         };
         match BackendConn::connect(t, &addr.host, addr.port, login, bound).await {
             Ok(c) => *conn = Some(c),
+            Err(e @ crate::backend::BackendError::Refused { .. }) => {
+                warn!(target = ?t, cause = %e, "the server refused the monitor's login");
+                return Err(Failure::Refused);
+            }
+            Err(e @ crate::backend::BackendError::Timeout(_)) => {
+                debug!(target = ?t, cause = %e, "monitor cannot connect in time");
+                return Err(Failure::Silent);
+            }
             Err(e) => {
                 debug!(target = ?t, cause = %e, "monitor cannot connect");
-                return None;
+                return Err(Failure::Down);
             }
         }
     }
-    let c = conn.as_mut()?;
+    let Some(c) = conn.as_mut() else {
+        return Err(Failure::Down);
+    };
     let mut ignored = Vec::new();
-    let res = tokio::time::timeout(
-        bound.max(Duration::from_millis(100)),
-        c.query_row(sql, &mut ignored),
-    )
-    .await;
+    let res = tokio::time::timeout(answer_bound, c.query_row(sql, &mut ignored)).await;
     match res {
-        Ok(Ok(Ok(row))) => Some(row),
+        Ok(Ok(Ok(row))) => Ok(row),
         Ok(Ok(Err(code))) => {
             warn!(target = ?t, code, "replication poll failed");
-            None
+            Err(Failure::Refused)
         }
-        Ok(Err(_)) | Err(_) => {
-            debug!(target = ?t, "monitor connection lost or timed out");
+        Ok(Err(_)) => {
+            debug!(target = ?t, "monitor connection lost");
             *conn = None;
-            None
+            Err(Failure::Broken)
+        }
+        Err(_) => {
+            debug!(target = ?t, "no answer within the bound");
+            *conn = None;
+            Err(Failure::Silent)
         }
     }
 }

@@ -25,6 +25,9 @@ pub struct Replication {
     replica_polls: AtomicU64,
     /// Sessions may rely on it (false when no monitor runs).
     enabled: AtomicBool,
+    /// Whether the primary link is up, for sessions waiting on it: a
+    /// black-holed tunnel never fails their reads, only the heartbeat does.
+    link: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for Replication {
@@ -38,6 +41,7 @@ impl Default for Replication {
             replica_replaying: AtomicBool::new(true),
             replica_polls: AtomicU64::new(0),
             enabled: AtomicBool::new(false),
+            link: tokio::sync::watch::Sender::new(true),
         }
     }
 }
@@ -130,14 +134,31 @@ impl Replication {
         self.replica_polls.load(Relaxed)
     }
 
-    pub(crate) fn set_primary(&self, lsn: Option<u64>) {
-        match lsn {
-            Some(l) => {
-                self.primary_lsn.fetch_max(l, Relaxed);
-                self.primary_up.store(true, Relaxed);
-            }
-            None => self.primary_up.store(false, Relaxed),
+    /// One primary poll: its WAL position, or `None` when it could not be
+    /// reached; `silent` when that was for want of an answer (a black-holed
+    /// link) rather than a refused or reset connection.
+    pub(crate) fn set_primary(&self, lsn: Option<u64>, silent: bool) {
+        let up = lsn.is_some();
+        if let Some(l) = lsn {
+            self.primary_lsn.fetch_max(l, Relaxed);
         }
+        self.primary_up.store(up, Relaxed);
+        // Only a silent link makes sessions fail fast: a refused connect
+        // fails fast by itself, and is retried by every new statement.
+        let link_up = up || !silent;
+        self.link
+            .send_if_modified(|v| std::mem::replace(v, link_up) != link_up);
+    }
+
+    /// Whether the primary link is known to be silent (heartbeat got no
+    /// answer in time): primary work then fails at once.
+    pub fn primary_link_down(&self) -> bool {
+        self.enabled() && !*self.link.borrow()
+    }
+
+    /// A receiver that wakes when the primary link goes down or up.
+    pub fn watch_link(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.link.subscribe()
     }
 
     /// One replica poll: `None` when it could not be reached, else whether
@@ -222,11 +243,11 @@ mod tests {
     fn an_idle_primary_is_not_a_lagging_replica() {
         let r = Replication::default();
         r.enable();
-        r.set_primary(Some(100));
+        r.set_primary(Some(100), false);
         r.set_replica(poll(100, Some(60_000)));
         assert_eq!(r.lag_ms(), Some(0));
         assert_eq!(r.stale(Duration::from_secs(5)), None);
-        r.set_primary(Some(200));
+        r.set_primary(Some(200), false);
         r.set_replica(poll(150, Some(7_000)));
         assert_eq!(r.lag_ms(), Some(7_000));
         assert_eq!(r.lag_bytes(), Some(50));
@@ -248,7 +269,12 @@ mod tests {
             replay_age_ms: None,
         }));
         assert_eq!(r.stale(Duration::from_secs(5)), Some(Stale::NotReplaying));
-        r.set_primary(None);
+        r.set_primary(None, false);
         assert!(!r.primary_up());
+        assert!(!r.primary_link_down(), "refused, not silent");
+        r.set_primary(None, true);
+        assert!(r.primary_link_down());
+        r.set_primary(Some(300), false);
+        assert!(!r.primary_link_down());
     }
 }

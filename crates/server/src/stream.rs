@@ -58,11 +58,28 @@ impl Endpoint {
             Endpoint::Tcp(a) => {
                 let s = TcpStream::connect(a).await?;
                 s.set_nodelay(true)?;
+                set_keepalive(&s)?;
                 Ok(Stream::Tcp(s))
             }
             Endpoint::Unix(p) => Ok(Stream::Unix(UnixStream::connect(p).await?)),
         }
     }
+}
+
+/// A dead peer or path is noticed by TCP itself: keepalive probes after
+/// 10 s of silence, and unacknowledged data gives up after 20 s. (Behind a
+/// local SSH tunnel the peer is the tunnel, which stays alive: that case is
+/// the monitor's heartbeat.)
+fn set_keepalive(s: &TcpStream) -> io::Result<()> {
+    let sock = socket2::SockRef::from(s);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(10))
+        .with_interval(std::time::Duration::from_secs(5))
+        .with_retries(2);
+    sock.set_tcp_keepalive(&ka)?;
+    #[cfg(target_os = "linux")]
+    sock.set_tcp_user_timeout(Some(std::time::Duration::from_secs(20)))?;
+    Ok(())
 }
 
 /// An open backend socket.

@@ -16,6 +16,7 @@ mod memo;
 mod relay;
 mod settings;
 pub mod statements;
+mod timers;
 mod vars;
 mod vectored;
 
@@ -119,11 +120,27 @@ pub(crate) struct Backend {
     /// The replica refused the front cycle with 25006: its answer is
     /// dropped up to its ReadyForQuery, then it runs on the primary.
     retrying: bool,
+    /// When the front cycle times out (`statement_timeout`), or, once
+    /// `resolving`, when the proxy stops waiting for its outcome.
+    deadline: Option<Instant>,
+    /// The front cycle may have committed and passed its deadline: the
+    /// proxy waits (bounded) for its true outcome.
+    resolving: bool,
+    /// The timeouts that apply to this connection's target.
+    timeouts: crate::config::Effective,
+    opened: Instant,
+    last_used: Instant,
 }
 
 impl Backend {
-    fn new(conn: BackendConn) -> Backend {
+    fn new(conn: BackendConn, timeouts: crate::config::Effective) -> Backend {
+        let now = Instant::now();
         Backend {
+            deadline: None,
+            resolving: false,
+            timeouts,
+            opened: now,
+            last_used: now,
             conn,
             pending: VecDeque::new(),
             expect: VecDeque::new(),
@@ -231,6 +248,12 @@ pub(crate) struct Session {
     report_lag: bool,
     /// The last value sent (`Some(None)`: "unknown").
     reported_lag: Option<Option<u64>>,
+    /// Wakes the session when the primary link goes down (heartbeat).
+    link: tokio::sync::watch::Receiver<bool>,
+    /// `idle_in_transaction_timeout`, when set.
+    idle_in_transaction: Option<std::time::Duration>,
+    /// Since when the client has sent nothing and been answered in full.
+    idle_since: Instant,
     /// Portals bound to local (`pgsplit.*`) statements: (portal, statement).
     local_portals: Vec<(String, String)>,
     /// The Query of the retryable read in flight on the replica.
@@ -276,10 +299,14 @@ impl Session {
         let mut backends = [None, None];
         let t = first.target;
         let vars = vars::Vars::new(&shared.config);
+        let iit = shared.config.timeouts.idle_in_transaction_timeout;
+        let idle_in_transaction = (!iit.is_zero()).then_some(iit);
+        let link = shared.replication.watch_link();
         let report_lag = params
             .iter()
             .any(|(k, v)| k == "pgsplit.report_lag" && vars::is_on(v));
-        backends[idx(t)] = Some(Backend::new(first));
+        let tm = shared.config.timeouts.for_target(t == Target::Primary);
+        backends[idx(t)] = Some(Backend::new(first, tm));
         Session {
             shared,
             client,
@@ -316,6 +343,9 @@ impl Session {
             retry: None,
             retry_due: false,
             local_portals: Vec::new(),
+            idle_in_transaction,
+            idle_since: Instant::now(),
+            link,
             report_lag,
             reported_lag: None,
             cancel,
@@ -363,30 +393,41 @@ impl Session {
             let primary_open = self.backends[idx(Target::Primary)].is_some();
             let watch = [busy[0] || (self.pinned && primary_open), busy[1]];
             let idle = !busy[0] && !busy[1] && self.txn.is_none() && self.copy_in.is_none();
+            let timer = self.next_timer();
             let Session {
                 client,
                 cbuf,
                 backends,
                 shutdown,
+                link,
                 ..
             } = self;
             let [p, r] = backends;
             enum Ev {
                 Client(std::io::Result<usize>),
                 Backend(Target, std::io::Result<usize>),
+                Timer(timers::Timer),
+                Link,
                 Shutdown,
             }
             let ev = tokio::select! {
                 biased;
-                                res = read_backend(p), if watch[0] => Ev::Backend(Target::Primary, res),
+                res = read_backend(p), if watch[0] => Ev::Backend(Target::Primary, res),
                 res = read_backend(r), if watch[1] => Ev::Backend(Target::Replica, res),
                 res = client.read_buf(cbuf) => Ev::Client(res),
+                what = sleep_until(timer), if timer.is_some() => Ev::Timer(what),
+                _ = link.changed(), if busy[0] => Ev::Link,
                 _ = shutdown.cancelled(), if idle => Ev::Shutdown,
             };
             match ev {
                 Ev::Client(Ok(0)) => return Err(Error::ClientGone),
                 Ev::Client(Err(e)) => return Err(Error::ClientIo(e)),
+                Ev::Timer(what) => self.on_timer(what)?,
+                Ev::Link => self.on_link_change()?,
                 Ev::Client(Ok(_)) => {
+                    if self.idle_in_transaction.is_some() {
+                        self.idle_since = Instant::now();
+                    }
                     if let Flow::Exit = self.process_client().await? {
                         return Ok(());
                     }
@@ -1154,9 +1195,19 @@ impl Session {
     /// Makes sure a connection to `t` is open and alive. With `fallback`,
     /// reads whose replica is unreachable go to the primary.
     async fn ensure(&mut self, t: Target, fallback: bool) -> Result<Target, Error> {
+        let expired = self.backends[idx(t)].as_ref().is_some_and(|b| {
+            b.timeouts
+                .server_lifetime
+                .is_some_and(|l| b.opened.elapsed() >= l)
+        });
+        if expired && self.closable(t) {
+            debug!(target = ?t, "backend connection past server_lifetime; replacing it");
+            self.close_backend(t);
+        }
+        let link_down = t == Target::Primary && self.shared.replication.primary_link_down();
         if let Some(b) = self.backends[idx(t)].as_mut() {
             let idle = b.pending.is_empty() && self.bound != Some(t) && self.copy_in.is_none();
-            if !idle || !b.conn.is_closed_while_idle() {
+            if !idle || !(link_down || b.conn.is_closed_while_idle()) {
                 return Ok(t);
             }
             debug!(target = ?t, "backend closed while idle; replacing it");
@@ -1173,6 +1224,13 @@ impl Session {
                 return Err(Error::BackendLostInBlock { target: t });
             }
         }
+        if link_down {
+            // Fail fast: a connect through a black-holed tunnel would only
+            // wait out connect_timeout.
+            let bound = self.shared.config.monitor.heartbeat_timeout;
+            warn!("primary link down (heartbeat); refusing primary work at once");
+            return Err(Error::PrimaryUnreachable(BackendError::LinkDown(bound)));
+        }
         if t == Target::Replica && fallback {
             if let Some(at) = self.replica_retry_at {
                 if Instant::now() < at {
@@ -1185,7 +1243,8 @@ impl Session {
                 if t == Target::Replica {
                     self.replica_retry_at = None;
                 }
-                self.backends[idx(t)] = Some(Backend::new(conn));
+                let tm = self.shared.config.timeouts.for_target(t == Target::Primary);
+                self.backends[idx(t)] = Some(Backend::new(conn, tm));
                 Ok(t)
             }
             Err(BackendError::Refused { code, message, .. })
@@ -1238,7 +1297,9 @@ impl Session {
             &addr.host,
             addr.port,
             &login,
-            cfg.timeouts.connect_timeout,
+            cfg.timeouts
+                .for_target(t == Target::Primary)
+                .connect_timeout,
         )
         .await
     }
@@ -1293,9 +1354,19 @@ impl Session {
         while self.busy(t) && self.bound != Some(t) {
             self.flush_client().await?;
             let b = self.backends[idx(t)].as_mut().expect("busy backend exists");
-            match b.conn.stream.read_buf(&mut b.conn.rbuf).await {
-                Ok(n) if n > 0 => self.on_backend_data(t)?,
-                _ => self.backend_lost(t)?,
+            let deadline = b.deadline.map(|d| (d, timers::Timer::Statement(t)));
+            let link = &mut self.link;
+            let res = tokio::select! {
+                biased;
+                r = b.conn.stream.read_buf(&mut b.conn.rbuf) => Ok(r),
+                what = sleep_until(deadline), if deadline.is_some() => Err(Some(what)),
+                _ = link.changed(), if t == Target::Primary => Err(None),
+            };
+            match res {
+                Ok(Ok(n)) if n > 0 => self.on_backend_data(t)?,
+                Ok(_) => self.backend_lost(t)?,
+                Err(Some(what)) => self.on_timer(what)?,
+                Err(None) => self.on_link_change()?,
             }
         }
         Ok(())
@@ -1306,6 +1377,7 @@ impl Session {
     /// raising a notice per row, a long pipeline) stops reading, and a proxy
     /// that only wrote would then wait for it forever.
     async fn send_raw(&mut self, t: Target, frames: &[Bytes]) -> Result<(), Error> {
+        self.arm(t);
         let mut todo = Chunks::new(frames);
         while !todo.is_done() {
             let Some(b) = self.backends[idx(t)].as_mut() else {
@@ -1431,6 +1503,17 @@ fn other(t: Target) -> Target {
     match t {
         Target::Primary => Target::Replica,
         Target::Replica => Target::Primary,
+    }
+}
+
+/// Sleeps until the deadline of `timer` and returns what it was for.
+async fn sleep_until(timer: Option<(Instant, timers::Timer)>) -> timers::Timer {
+    match timer {
+        Some((at, what)) => {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+            what
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -60,6 +60,7 @@ impl Session {
                         b.pending.pop_front();
                         b.errored = false;
                         self.retry_due = true;
+                        self.rearm(t);
                     }
                     continue;
                 }
@@ -336,6 +337,7 @@ impl Session {
                 }
             }
         }
+        self.rearm(t);
         let idle = self.backends.iter().flatten().all(|b| b.pending.is_empty());
         if idle && self.bound.is_none() {
             self.cancel.set(None);
@@ -345,6 +347,16 @@ impl Session {
     /// `t` died (EOF, I/O error, FATAL). Everything the client still waits
     /// for from it is answered with an error, and the session goes on.
     pub(super) fn backend_lost(&mut self, t: Target) -> Result<(), Error> {
+        self.backend_lost_with(t, None)
+    }
+
+    /// As [`Session::backend_lost`], with `first` as the error of the
+    /// statement that was running (a timeout, rather than a lost link).
+    pub(super) fn backend_lost_with(
+        &mut self,
+        t: Target,
+        mut first: Option<Error>,
+    ) -> Result<(), Error> {
         let Some(b) = self.backends[idx(t)].take() else {
             return Ok(());
         };
@@ -357,9 +369,18 @@ impl Session {
         if self.pinned && t == Target::Primary {
             return Err(Error::PinnedStateLost);
         }
-        let in_block = self.txn == Some(t);
-        if in_block {
+        // A COMMIT or autocommit write the client is waiting for may have
+        // committed: its outcome is unknown, never "failed" or "rolled back"
+        // without proof, and the block (if any) is over either way.
+        let unknown_outcome = b.pending.iter().find(|p| !p.own).is_some_and(|p| p.writes);
+        if unknown_outcome && first.is_none() {
+            first = Some(Error::TransactionResolutionUnknown);
+        }
+        let in_block = self.txn == Some(t) && !unknown_outcome;
+        if self.txn == Some(t) {
             self.txn = None;
+        }
+        if in_block {
             self.virtual_failed = true;
         }
         let err = if in_block {
@@ -370,7 +391,10 @@ impl Session {
         let mut reported = b.dead;
         for _ in b.pending.iter().filter(|p| !p.own) {
             if !reported {
-                self.push_error(&err);
+                match first.take() {
+                    Some(e) => self.push_error(&e),
+                    None => self.push_error(&err),
+                }
             }
             reported = false;
             self.push_ready();
