@@ -218,3 +218,132 @@ async fn settings_inside_a_writing_string_are_replayed() {
     let tx = "BEGIN; SELECT current_setting('application_name'); COMMIT";
     assert_eq!(value(&c, tx).await, "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_data_sent_before_the_servers_answer_arrives() {
+    // Read-your-writes on: the read right after the copy must see it.
+    let s = stack();
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE cp (x int)").await.unwrap();
+    let mut raw = Raw::login(&s).await;
+    let mut b = BytesMut::new();
+    // All in one write, as asyncpg sends it.
+    encode::query(&mut b, "COPY cp FROM STDIN");
+    encode::message(&mut b, b'd', |w| w.extend_from_slice(b"1\n2\n"));
+    encode::message(&mut b, b'c', |_| {});
+    encode::query(&mut b, "SELECT count(*) FROM cp");
+    raw.send(&b).await;
+    let got = raw.replies(2).await;
+    assert!(got.errors.is_empty(), "{got:?}");
+    assert_eq!(got.values, ["2"], "read in the same session after the copy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_described_ahead_runs_where_its_class_says() {
+    let s = stack_without_read_your_writes();
+    let (p, r) = (primary_port(&s), replica_port(&s));
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE da (x int)").await.unwrap();
+    caught_up(&s);
+    let mut raw = Raw::login(&s).await;
+    // asyncpg's first run: Parse + Describe + Flush, then Bind/Execute/Sync.
+    for (sql, want) in [
+        ("SELECT inet_server_port()", r),
+        ("INSERT INTO da VALUES (1) RETURNING inet_server_port()", p),
+    ] {
+        let mut b = BytesMut::new();
+        encode::parse(&mut b, "", sql, &[]);
+        encode::describe(&mut b, b'S', "");
+        encode::flush(&mut b);
+        raw.send(&b).await;
+        // ParseComplete, ParameterDescription, RowDescription.
+        for tag in [b'1', b't', b'T'] {
+            assert_eq!(raw.frame().await.unwrap().tag(), tag);
+        }
+        b.clear();
+        encode::bind(&mut b, "", "", &[]);
+        encode::execute(&mut b, "", 0);
+        encode::sync(&mut b);
+        raw.send(&b).await;
+        let got = raw.replies(1).await;
+        assert!(got.errors.is_empty(), "{sql}: {got:?}");
+        assert_eq!(got.values, [want.to_string()], "{sql}");
+    }
+    // A read whose Parse went to the replica but whose rest writes: the
+    // rest moves to the primary.
+    let mut b = BytesMut::new();
+    encode::parse(&mut b, "", "SELECT inet_server_port()", &[]);
+    encode::describe(&mut b, b'S', "");
+    encode::flush(&mut b);
+    raw.send(&b).await;
+    for tag in [b'1', b't', b'T'] {
+        assert_eq!(raw.frame().await.unwrap().tag(), tag);
+    }
+    b.clear();
+    encode::parse(
+        &mut b,
+        "w",
+        "INSERT INTO da VALUES (2) RETURNING inet_server_port()",
+        &[],
+    );
+    encode::bind(&mut b, "", "w", &[]);
+    encode::execute(&mut b, "", 0);
+    encode::bind(&mut b, "", "", &[]);
+    encode::execute(&mut b, "", 0);
+    encode::sync(&mut b);
+    raw.send(&b).await;
+    let got = raw.replies(1).await;
+    assert!(got.errors.is_empty(), "{got:?}");
+    assert_eq!(got.values, [p.to_string(), p.to_string()]);
+    // And the replica's side of it was closed: a later read is fine there.
+    b.clear();
+    extended(&mut b, "SELECT inet_server_port()");
+    raw.send(&b).await;
+    assert_eq!(raw.replies(1).await.values, [r.to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_flush_binds_nothing() {
+    let s = stack_without_read_your_writes();
+    let mut raw = Raw::login(&s).await;
+    let mut b = BytesMut::new();
+    // Leaving psycopg's pipeline mode: Sync, then a lone Flush.
+    extended(&mut b, "SELECT 1");
+    encode::flush(&mut b);
+    raw.send(&b).await;
+    raw.replies(1).await;
+    b.clear();
+    encode::query(&mut b, PORT);
+    raw.send(&b).await;
+    assert_eq!(raw.replies(1).await.values, [replica_port(&s).to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_config_is_a_setting_when_it_can_be_replayed() {
+    let s = stack_without_read_your_writes();
+    let (p, r) = (primary_port(&s), replica_port(&s));
+    let c = client(&s).await;
+    // As Django sends it on every connection.
+    c.batch_execute("SELECT set_config('TimeZone', 'America/Lima', false)")
+        .await
+        .unwrap();
+    assert_eq!(port_of(&c, PORT).await, r, "not pinned");
+    assert_eq!(value(&c, "SHOW TimeZone").await, "America/Lima");
+    let tx = "BEGIN; SELECT current_setting('TimeZone'); COMMIT";
+    assert_eq!(
+        value(&c, tx).await,
+        "America/Lima",
+        "replayed on the primary"
+    );
+
+    // With a parameter it cannot be replayed: the session stays on the
+    // primary, even across blocks, until DISCARD ALL.
+    c.query("SELECT set_config('search_path', $1, false)", &[&"public"])
+        .await
+        .unwrap();
+    assert_eq!(port_of(&c, PORT).await, p);
+    c.batch_execute("BEGIN; COMMIT").await.unwrap();
+    assert_eq!(port_of(&c, PORT).await, p, "still pinned");
+    c.batch_execute("DISCARD ALL").await.unwrap();
+    assert_eq!(port_of(&c, PORT).await, r);
+}

@@ -46,7 +46,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use crate::functions::{Effect, WriteFunctions};
+use crate::functions::{Effect, SetConfigArgs, WriteFunctions};
 use crate::lexer::Lexer;
 use crate::StmtKind;
 
@@ -361,7 +361,13 @@ impl Effects<'_> {
                             if v.value == Value::Boolean(true)
                     )
                 });
-            self.raise(effect.kind(is_local_true));
+            // Only the lexical stage recognises replayable literal calls;
+            // here anything but a local one pins.
+            self.raise(effect.kind(if is_local_true {
+                SetConfigArgs::Local
+            } else {
+                SetConfigArgs::Other
+            }));
         }
     }
 }

@@ -30,9 +30,11 @@
 //!   `pg_stat_reset*`;
 //! - large objects (`lo_create`, `lo_open`, `lo_write`, …) and `dblink_exec`;
 //! - `set_config(name, value, is_local)`: with `is_local` literally `true`
-//!   it only affects the current transaction; anything else (`false`, a
-//!   parameter, an expression) may change the session, which the proxy
-//!   cannot replay from inside a query, so the session is pinned.
+//!   it only affects the current transaction; with string literals and
+//!   `false` it is a session setting the proxy replays like `SET` (Django
+//!   sends `SELECT set_config('TimeZone', 'UTC', false)` on every
+//!   connection); anything else (a parameter, an expression) changes the
+//!   session in a way the proxy cannot replay, so the session is pinned.
 //!
 //! Names are compared case-insensitively and whatever schema they are
 //! qualified with (a call of `myschema.nextval(…)` counts as `nextval`); a
@@ -59,15 +61,30 @@ pub enum Effect {
     SetConfig,
 }
 
+/// The shape of a `set_config` call's arguments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetConfigArgs {
+    /// `is_local` is literally `true`: the current transaction only.
+    Local,
+    /// Name and value are string literals and `is_local` is `false`: a
+    /// session setting that can be replayed as written.
+    SessionLiterals,
+    /// Anything else (parameters, expressions).
+    Other,
+}
+
 impl Effect {
-    /// The statement kind a call implies, given for `set_config` whether its
-    /// `is_local` argument is literally `true`.
-    pub fn kind(self, is_local_true: bool) -> StmtKind {
+    /// The statement kind a call implies, given for `set_config` the shape
+    /// of its arguments.
+    pub fn kind(self, args: SetConfigArgs) -> StmtKind {
         match self {
             Effect::Write => StmtKind::Write,
             Effect::Pin => StmtKind::Pin,
-            Effect::SetConfig if is_local_true => StmtKind::TxnScoped,
-            Effect::SetConfig => StmtKind::Pin,
+            Effect::SetConfig => match args {
+                SetConfigArgs::Local => StmtKind::TxnScoped,
+                SetConfigArgs::SessionLiterals => StmtKind::Session,
+                SetConfigArgs::Other => StmtKind::Pin,
+            },
         }
     }
 }
@@ -305,7 +322,14 @@ mod tests {
 
     #[test]
     fn set_config_depends_on_is_local() {
-        assert_eq!(Effect::SetConfig.kind(true), StmtKind::TxnScoped);
-        assert_eq!(Effect::SetConfig.kind(false), StmtKind::Pin);
+        assert_eq!(
+            Effect::SetConfig.kind(SetConfigArgs::Local),
+            StmtKind::TxnScoped
+        );
+        assert_eq!(
+            Effect::SetConfig.kind(SetConfigArgs::SessionLiterals),
+            StmtKind::Session
+        );
+        assert_eq!(Effect::SetConfig.kind(SetConfigArgs::Other), StmtKind::Pin);
     }
 }

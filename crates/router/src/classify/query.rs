@@ -24,7 +24,7 @@
 //! primary the scan reports "uncertain" and the parser decides.
 
 use super::cursor::Cursor;
-use crate::functions::{Effect, WriteFunctions};
+use crate::functions::{Effect, SetConfigArgs, WriteFunctions};
 use crate::lexer::{Token, TokenKind};
 use crate::StmtKind;
 
@@ -161,8 +161,12 @@ pub(crate) fn scan<'a>(
         match tok.kind {
             TokenKind::LParen => {
                 if let Some(effect) = call(&hist, fns) {
-                    let is_local_true = effect == Effect::SetConfig && third_arg_is_true(cur);
-                    kind = kind.combine(effect.kind(is_local_true));
+                    let args = if effect == Effect::SetConfig {
+                        set_config_args(cur)
+                    } else {
+                        SetConfigArgs::Other
+                    };
+                    kind = kind.combine(effect.kind(args));
                 }
             }
             TokenKind::Dot => {
@@ -287,28 +291,48 @@ fn never_a_function(word: &[u8]) -> bool {
 const SET_CONFIG_LOOKAHEAD: usize = 64;
 
 /// For `set_config(` just read: is the third argument the bare word `true`?
-fn third_arg_is_true(cur: &Cursor<'_>) -> bool {
+fn set_config_args(cur: &Cursor<'_>) -> SetConfigArgs {
     let mut ahead = cur.clone();
     let depth = ahead.depth();
-    let mut commas = 0;
+    // Per argument: its token count and its first token's kind.
+    let mut args: [(u32, Option<TokenKind>); 3] = [(0, None); 3];
+    let mut third_true = false;
+    let mut third_false = false;
+    let mut i = 0;
     for _ in 0..SET_CONFIG_LOOKAHEAD {
         let Some(tok) = ahead.next() else {
-            return false;
+            return SetConfigArgs::Other;
         };
         if ahead.depth() < depth {
-            return false;
+            break;
         }
         if tok.kind == TokenKind::Comma && ahead.depth() == depth {
-            commas += 1;
-            if commas == 2 {
-                let arg = ahead.next();
-                let close = ahead.next();
-                return arg.is_some_and(|t| t.is_keyword("true"))
-                    && close.is_some_and(|t| t.kind == TokenKind::RParen);
+            i += 1;
+            if i > 2 {
+                return SetConfigArgs::Other;
             }
+            continue;
+        }
+        args[i].0 += 1;
+        args[i].1.get_or_insert(tok.kind);
+        if i == 2 {
+            third_true = tok.is_keyword("true");
+            third_false = tok.is_keyword("false");
         }
     }
-    false
+    let single = |a: (u32, Option<TokenKind>), k: TokenKind| a.0 == 1 && a.1 == Some(k);
+    if i == 2 && args[2].0 == 1 && third_true {
+        SetConfigArgs::Local
+    } else if i == 2
+        && args[2].0 == 1
+        && third_false
+        && single(args[0], TokenKind::String)
+        && (single(args[1], TokenKind::String) || single(args[1], TokenKind::Number))
+    {
+        SetConfigArgs::SessionLiterals
+    } else {
+        SetConfigArgs::Other
+    }
 }
 
 #[cfg(test)]
@@ -444,6 +468,19 @@ mod tests {
         );
         assert_eq!(
             scan_sql("select set_config('a', 'b', false)", &[]),
+            Some(Session),
+            "replayable as written"
+        );
+        assert_eq!(
+            scan_sql("SELECT set_config('TimeZone', 'UTC', false)", &[]),
+            Some(Session)
+        );
+        assert_eq!(
+            scan_sql("select set_config('a', $1, false)", &[]),
+            Some(Pin)
+        );
+        assert_eq!(
+            scan_sql("select set_config('a', lower('B'), false)", &[]),
             Some(Pin)
         );
         assert_eq!(scan_sql("select set_config('a', 'b', $1)", &[]), Some(Pin));

@@ -128,6 +128,16 @@ fn identifier(s: &str) -> Option<String> {
     ok.then(|| s.to_lowercase())
 }
 
+/// Whether a statement that pins the session leaves state the pin check
+/// cannot see (`set_config` with a parameter, `LOAD`): such a pin stays
+/// until `DISCARD ALL`.
+pub(super) fn sticky_pin(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(10)
+        .any(|w| w.eq_ignore_ascii_case(b"set_config"))
+        || split(sql).iter().any(|s| first_word_is(s, "load"))
+}
+
 /// Whether `sql` runs a COPY (in any of its statements).
 pub(super) fn has_copy(sql: &str) -> bool {
     let first_is_copy = |s: &str| Lexer::new(s).next().is_some_and(|t| t.is_keyword("copy"));

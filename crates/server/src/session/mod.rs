@@ -209,8 +209,13 @@ pub(crate) struct Session {
     /// The statement or batch being routed may release a pin: once it has
     /// run, `pin_check` is set.
     releasing: bool,
+    /// The pin holds state the pin check cannot see (see
+    /// `effects::sticky_pin`): released only by `DISCARD ALL`.
+    pin_sticky: bool,
     /// The current batch was partly sent (Flush before Sync) to this backend.
     bound: Option<Target>,
+    /// What was sent of it was only Parse/Describe: it may still move.
+    bound_soft: bool,
     /// Discard client messages until Sync (after an error the proxy raised
     /// inside a batch, as a server does).
     skip_until_sync: bool,
@@ -274,6 +279,9 @@ const PIN_PROBE: &str = "SELECT (SELECT count(*) FROM pg_listening_channels()) \
      + (SELECT count(*) FROM pg_cursors WHERE is_holdable) \
      + (SELECT count(*) FROM pg_prepared_statements WHERE from_sql)";
 
+/// A Sync message of the proxy's own.
+const SYNC: &[u8] = b"S\0\0\0\x04";
+
 /// The proxy's own query after a write in `lsn` mode (a Query message).
 const LSN_QUERY: &[u8] = b"Q\0\0\0\x2dSELECT pg_current_wal_insert_lsn()::text\0";
 
@@ -321,6 +329,8 @@ impl Session {
             virtual_failed: false,
             pinned: false,
             pin_check: false,
+            bound_soft: false,
+            pin_sticky: false,
             releasing: false,
             bound: None,
             skip_until_sync: false,
@@ -566,6 +576,9 @@ impl Session {
                 if (self.pinned || class.kind == StmtKind::Pin) && effects::may_unpin(p.sql) {
                     self.releasing = true;
                 }
+                if class.kind == StmtKind::Pin && effects::sticky_pin(p.sql) {
+                    self.pin_sticky = true;
+                }
                 self.shared.stats.count_class(&class);
                 self.batch.add_class(class);
                 let name_end = p.name.len();
@@ -663,6 +676,51 @@ impl Session {
         } else {
             Freshness::Fresh
         }
+    }
+
+    /// A lone Flush: to the backend still answering, if any.
+    async fn forward_flush(&mut self) -> Result<(), Error> {
+        let frames = std::mem::take(&mut self.batch.frames);
+        self.batch.clear();
+        let to = self.bound.or_else(|| {
+            [Target::Primary, Target::Replica]
+                .into_iter()
+                .find(|t| self.busy(*t))
+        });
+        let res = match to {
+            Some(t) => {
+                let out: Vec<Bytes> = frames.iter().map(|f| f.raw().clone()).collect();
+                self.send_raw(t, &out).await
+            }
+            None => Ok(()),
+        };
+        self.batch.frames = frames;
+        self.batch.clear();
+        res
+    }
+
+    /// The start of a batch (Parse/Describe) went to the replica, and its
+    /// rest needs the primary: the replica's implicit transaction is ended
+    /// with a Sync of the proxy's own, and the rest goes to the primary,
+    /// where the statements are prepared on the fly.
+    async fn unbind_soft(&mut self) -> Result<(), Error> {
+        self.bound = None;
+        self.bound_soft = false;
+        let Some(b) = self.backends[idx(Target::Replica)].as_mut() else {
+            return Ok(());
+        };
+        b.pending.push_back(Pending {
+            seq: self.seq,
+            extended: true,
+            commits: false,
+            writes: false,
+            own: true,
+            copy: false,
+            single: false,
+            retryable: false,
+        });
+        self.send_raw(Target::Replica, &[Bytes::from_static(SYNC)])
+            .await
     }
 
     /// Whether the batch being dispatched runs a COPY (checked only for
@@ -776,6 +834,9 @@ impl Session {
         if (self.pinned || class.kind == StmtKind::Pin) && effects::may_unpin(sql) {
             self.releasing = true;
         }
+        if class.kind == StmtKind::Pin && effects::sticky_pin(sql) {
+            self.pin_sticky = true;
+        }
         if let [Reset::Deallocate(name)] = fx.resets.as_slice() {
             if class.statements == 1 && self.stmts.get(name).is_some() {
                 // A protocol-level statement lives on whichever backends
@@ -832,6 +893,16 @@ impl Session {
         // and ends an extended-protocol batch sent in part before it.
         self.stmts.mark_off("", target);
         self.bound = None;
+        // A client may send its COPY data right behind the COPY, before the
+        // server's CopyInResponse (asyncpg does): from now on its CopyData
+        // goes to this server. (Should the COPY fail instead, the server
+        // ignores stray CopyData, and the client's next message ends this.)
+        if class.kind.needs_primary() && effects::has_copy(sql) {
+            self.copy_in = Some(CopyIn {
+                target,
+                extended: false,
+            });
+        }
         let mut outgoing = std::mem::take(&mut self.outgoing);
         outgoing.push(f.into_bytes());
         if writes && !copy {
@@ -862,9 +933,14 @@ impl Session {
         let mut waited = false;
         let (decision, wanted) = loop {
             let decision = route::route(class, &self.state());
-            let wanted = self.resolve(decision.choice);
+                        let wanted = self.resolve(decision.choice);
             if self.busy(other(wanted)) {
                 self.drain(other(wanted)).await?;
+                continue;
+            }
+            if self.lsn_due.is_some() && self.copy_in.is_none() {
+                // A COPY just wrote: learn its WAL position before deciding.
+                self.send_due_lsn_query().await?;
                 continue;
             }
             if decision.reason == Reason::ReadYourWrites && !waited && !self.vars.max_wait.is_zero()
@@ -957,7 +1033,7 @@ impl Session {
     /// there; unpins it when nothing is left.
     async fn recheck_pin(&mut self) -> Result<(), Error> {
         self.pin_check = false;
-        if !self.pinned {
+        if !self.pinned || self.pin_sticky {
             return Ok(());
         }
         self.drain(Target::Primary).await?;
@@ -1054,8 +1130,37 @@ impl Session {
 
     async fn dispatch_batch(&mut self, synced: bool) -> Result<(), Error> {
         self.settle_retry().await?;
+        use tag::frontend as t;
+        if !synced && self.batch.frames.iter().all(|f| f.tag() == t::FLUSH) {
+            // A lone Flush (psycopg sends one leaving pipeline mode) asks for
+            // nothing new: pass it to a server that still owes replies.
+            return self.forward_flush().await;
+        }
+        // Parse/Describe only, sent ahead with a Flush (asyncpg's first run
+        // of every statement): no effects yet, so it goes where its class
+        // says and may still move before its Sync.
+        let soft = !synced
+            && self
+                .batch
+                .frames
+                .iter()
+                .all(|f| matches!(f.tag(), t::PARSE | t::DESCRIBE | t::FLUSH));
         let mut class = self.batch.class.unwrap_or(EMPTY);
-        if !synced && self.bound.is_none() && self.txn.is_none() && !class.kind.needs_primary() {
+        if self.bound_soft && self.bound == Some(Target::Replica) && self.txn.is_none() {
+            let unbound = SessionState {
+                bound: None,
+                ..self.state()
+            };
+            if route::route(&class, &unbound).choice == Choice::Primary {
+                self.unbind_soft().await?;
+            }
+        }
+        if !synced
+            && !soft
+            && self.bound.is_none()
+            && self.txn.is_none()
+            && !class.kind.needs_primary()
+        {
             // Part of a batch goes out before its Sync: the rest runs in the
             // same implicit transaction and may write, so it starts where
             // writes can run.
@@ -1185,6 +1290,7 @@ impl Session {
             }
         }
         self.batch.clear();
+        self.bound_soft = !synced && soft && (self.bound.is_none() || self.bound_soft);
         self.bound = if synced { None } else { Some(target) };
         let res = self.send_raw(target, &outgoing).await;
         outgoing.clear();

@@ -164,16 +164,19 @@ impl Session {
                 bt::COPY_IN_RESPONSE => {
                     run += len;
                     let extended = b.pending.front().is_some_and(|p| p.extended);
-                    if extended {
+                                        if extended {
                         // A Sync sent behind the Execute is ignored by the
                         // server during COPY; the client sends another after
                         // CopyDone, and that one is answered.
                         b.pending.pop_front();
+                        self.copy_in = Some(CopyIn {
+                            target: t,
+                            extended,
+                        });
                     }
-                    self.copy_in = Some(CopyIn {
-                        target: t,
-                        extended,
-                    });
+                    // A simple-protocol COPY entered copy mode when it was
+                    // sent (its data may follow it at once), and the client
+                    // may have finished it already.
                 }
                 _ => unreachable!("only inspected tags reach here"),
             }
@@ -294,6 +297,7 @@ impl Session {
                     Reset::DiscardAll => {
                         self.stmts.discard_all();
                         self.pinned = false;
+                        self.pin_sticky = false;
                         self.pin_check = false;
                     }
                     Reset::Deallocate(name) => self.stmts.close(&name, t),

@@ -51,6 +51,11 @@ fn scope(sql: &str) -> Scope {
             name => Scope::Param(name.to_owned()),
         },
         "discard" if second == "all" => Scope::All,
+        // SELECT set_config('name', 'value', false)
+        "select" if second.starts_with("set_config(") || second == "set_config" => lower
+            .split_once('\'')
+            .and_then(|(_, rest)| rest.split_once('\''))
+            .map_or(Scope::Other, |(name, _)| Scope::Param(name.to_owned())),
         _ => Scope::Other,
     }
 }
@@ -141,6 +146,10 @@ mod tests {
         assert_eq!(scope("DISCARD ALL"), Scope::All);
         assert_eq!(scope("SET TRANSACTION READ ONLY"), Scope::Other);
         assert_eq!(scope("DISCARD PLANS"), Scope::Other);
+        assert_eq!(
+            scope("SELECT set_config('TimeZone', 'UTC', false)"),
+            Scope::Param("timezone".into())
+        );
     }
 
     #[test]
