@@ -178,7 +178,7 @@ async fn pipelined_extended_batches_and_flush() {
             _ => {}
         }
     }
-        // A batch whose first part (Parse/Describe, then Flush) did nothing yet
+    // A batch whose first part (Parse/Describe, then Flush) did nothing yet
     // runs where its class says: both reads on the replica.
     assert_eq!(ports, vec![replica_port(&s), replica_port(&s)]);
     // Unknown statement: 26000, as from one server.

@@ -336,9 +336,22 @@ async fn set_config_is_a_setting_when_it_can_be_replayed() {
         "replayed on the primary"
     );
 
-    // With a parameter it cannot be replayed: the session stays on the
-    // primary, even across blocks, until DISCARD ALL.
-    c.query("SELECT set_config('search_path', $1, false)", &[&"public"])
+    // With the value as a parameter (asyncpg restores jit this way): replayed
+    // with the value bound.
+    c.query(
+        "SELECT set_config('application_name', $1, false)",
+        &[&"bound"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(port_of(&c, PORT).await, r, "not pinned");
+    assert_eq!(value(&c, "SHOW application_name").await, "bound");
+    let tx = "BEGIN; SELECT current_setting('application_name'); COMMIT";
+    assert_eq!(value(&c, tx).await, "bound", "replayed on the primary");
+
+    // With the name as a parameter it cannot be replayed: the session stays
+    // on the primary, even across blocks, until DISCARD ALL.
+    c.query("SELECT set_config($1, 'public', false)", &[&"search_path"])
         .await
         .unwrap();
     assert_eq!(port_of(&c, PORT).await, p);

@@ -58,6 +58,43 @@ impl<'a> Bind<'a> {
     }
 }
 
+/// One Bind parameter: text format or not, and its bytes (`None` for NULL).
+pub type BindParam<'a> = (bool, Option<&'a [u8]>);
+
+/// The parameter values of a Bind body: for each, whether it is in text
+/// format and its bytes (`None` for NULL). Off the relay path: the server
+/// reads them only for the rare statements it must replay.
+///
+/// # Errors
+/// `Malformed` for a broken body.
+pub fn bind_params(body: &[u8]) -> Result<Vec<BindParam<'_>>, ProtoError> {
+    let mut c = Cursor::new(body, "Bind");
+    c.cstr()?;
+    c.cstr()?;
+    let count = |v: i16| usize::try_from(v).map_err(|_| ProtoError::Malformed { what: "Bind" });
+    let nformats = count(c.i16()?)?;
+    let mut formats = Vec::with_capacity(nformats);
+    for _ in 0..nformats {
+        formats.push(c.i16()? == 0);
+    }
+    let n = count(c.i16()?)?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let text = match formats.len() {
+            0 => true,
+            1 => formats[0],
+            _ => formats.get(i).copied().unwrap_or(true),
+        };
+        let len = c.i32()?;
+        let value = match usize::try_from(len) {
+            Ok(len) => Some(c.take(len)?),
+            Err(_) => None,
+        };
+        out.push((text, value));
+    }
+    Ok(out)
+}
+
 /// What a Describe or Close names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Object<'a> {
@@ -130,6 +167,16 @@ impl<'a> SaslInitial<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bind_parameters_are_read_with_their_formats() {
+        let mut b = bytes::BytesMut::new();
+        crate::encode::bind(&mut b, "p", "s", &[Some(b"off"), None]);
+        let body = &b[crate::frame::HEADER_BYTES..];
+        let params = bind_params(body).unwrap();
+        assert_eq!(params, vec![(true, Some(&b"off"[..])), (true, None)]);
+        assert!(bind_params(&body[..body.len() - 5]).is_err());
+    }
     use crate::{encode, frame::decode};
     use bytes::BytesMut;
 

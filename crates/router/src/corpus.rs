@@ -277,7 +277,8 @@ pub const CORPUS: &[(&str, StmtKind)] = &[
     ("SELECT pg_stat_reset()", Write),
     ("SELECT x FROM t WHERE y = (SELECT nextval('s'))", Write),
     ("SELECT set_config('search_path', '', false)", Session),
-    ("SELECT set_config('search_path', $1, false)", Pin),
+        ("SELECT set_config('search_path', $1, false)", Session),
+    ("SELECT set_config($1, $2, false)", Pin),
     ("SELECT set_config('app.user_id', '42', true)", TxnScoped),
     // Transactions.
     ("BEGIN", RW),

@@ -69,6 +69,9 @@ pub enum SetConfigArgs {
     /// Name and value are string literals and `is_local` is `false`: a
     /// session setting that can be replayed as written.
     SessionLiterals,
+    /// A literal name, a parameter (`$n`) for the value, and `false`: a
+    /// session setting the proxy replays with the value the client bound.
+    SessionParam,
     /// Anything else (parameters, expressions).
     Other,
 }
@@ -82,7 +85,7 @@ impl Effect {
             Effect::Pin => StmtKind::Pin,
             Effect::SetConfig => match args {
                 SetConfigArgs::Local => StmtKind::TxnScoped,
-                SetConfigArgs::SessionLiterals => StmtKind::Session,
+                SetConfigArgs::SessionLiterals | SetConfigArgs::SessionParam => StmtKind::Session,
                 SetConfigArgs::Other => StmtKind::Pin,
             },
         }

@@ -330,6 +330,13 @@ fn set_config_args(cur: &Cursor<'_>) -> SetConfigArgs {
         && (single(args[1], TokenKind::String) || single(args[1], TokenKind::Number))
     {
         SetConfigArgs::SessionLiterals
+    } else if i == 2
+        && args[2].0 == 1
+        && third_false
+        && single(args[0], TokenKind::String)
+        && single(args[1], TokenKind::Param)
+    {
+        SetConfigArgs::SessionParam
     } else {
         SetConfigArgs::Other
     }
@@ -477,6 +484,11 @@ mod tests {
         );
         assert_eq!(
             scan_sql("select set_config('a', $1, false)", &[]),
+            Some(Session),
+            "replayed with the bound value"
+        );
+        assert_eq!(
+            scan_sql("select set_config($1, 'b', false)", &[]),
             Some(Pin)
         );
         assert_eq!(

@@ -62,6 +62,10 @@ fn add_statement(fx: &mut Effects, stmt: &str, kind: StmtKind) {
     match kind {
         StmtKind::Session => {
             let stmt = stmt.trim_end_matches(';').trim_end();
+            if set_config_param(stmt).is_some() {
+                // Replayed from its Bind, with the value bound.
+                return;
+            }
             if is_discard_all(stmt) {
                 fx.resets.push(Reset::DiscardAll);
             }
@@ -126,6 +130,53 @@ fn identifier(s: &str) -> Option<String> {
         && s.chars()
             .all(|c| c.is_alphanumeric() || c == '_' || c == '$');
     ok.then(|| s.to_lowercase())
+}
+
+/// `SELECT set_config('name', $n, false)`: the name literal as written and
+/// the parameter's 0-based index.
+pub(super) fn set_config_param(sql: &str) -> Option<(&str, usize)> {
+    use pgsplit_router::lexer::TokenKind as K;
+    let mut t = Lexer::new(sql);
+    let mut next = || t.next();
+    let word = |tok: Option<pgsplit_router::lexer::Token<'_>>, kw: &str| {
+        tok.is_some_and(|t| t.is_keyword(kw))
+    };
+    let kind = |tok: &Option<pgsplit_router::lexer::Token<'_>>, k: K| {
+        tok.as_ref().is_some_and(|t| t.kind == k)
+    };
+    if !word(next(), "select") || !word(next(), "set_config") || !kind(&next(), K::LParen) {
+        return None;
+    }
+    let name = next().filter(|t| t.kind == K::String)?;
+    if !kind(&next(), K::Comma) {
+        return None;
+    }
+    let param = next().filter(|t| t.kind == K::Param)?;
+    if !kind(&next(), K::Comma) || !word(next(), "false") || !kind(&next(), K::RParen) {
+        return None;
+    }
+    let n: usize = std::str::from_utf8(param.text)
+        .ok()?
+        .trim_start_matches('$')
+        .parse()
+        .ok()?;
+    let name = sql.get(name.start..name.end)?;
+    Some((name, n.checked_sub(1)?))
+}
+
+/// The statement that replays `set_config(name, $n, false)` with the value
+/// a Bind gave it.
+pub(super) fn set_config_replay(name: &str, value: Option<&[u8]>) -> Option<String> {
+    match value {
+        None => Some(format!("SELECT set_config({name}, NULL, false)")),
+        Some(v) => {
+            let v = std::str::from_utf8(v).ok().filter(|v| !v.contains('\0'))?;
+            Some(format!(
+                "SELECT set_config({name}, '{}', false)",
+                v.replace('\'', "''")
+            ))
+        }
+    }
 }
 
 /// Whether a statement that pins the session leaves state the pin check
@@ -227,6 +278,23 @@ mod tests {
             fx("SELECT 1; DEALLOCATE ALL").resets,
             [Reset::DeallocateAll]
         );
+    }
+
+    #[test]
+    fn set_config_with_a_parameter_is_replayed_with_its_value() {
+        let sql = "SELECT set_config('jit', $1, false)";
+        assert_eq!(set_config_param(sql), Some(("'jit'", 0)));
+        assert_eq!(
+            set_config_param("select set_config('a', $2, FALSE);"),
+            Some(("'a'", 1))
+        );
+        assert_eq!(set_config_param("SELECT set_config('a', $1, true)"), None);
+        assert_eq!(set_config_param("SELECT set_config('a', 'b', false)"), None);
+        assert_eq!(
+            set_config_replay("'jit'", Some(b"o'n")).unwrap(),
+            "SELECT set_config('jit', 'o''n', false)"
+        );
+        assert!(fx(sql).sets.is_empty(), "logged at Bind, not at Parse");
     }
 
     #[test]

@@ -830,6 +830,18 @@ impl Session {
                 return Ok(());
             }
         }
+        if self.bound_soft && self.bound == Some(Target::Replica) && self.txn.is_none() {
+            // A Parse/Describe sent ahead to the replica, never executed
+            // (asyncpg prepares to learn a COPY's columns): a query that
+            // needs the primary ends it there.
+            let unbound = SessionState {
+                bound: None,
+                ..self.state()
+            };
+            if route::route(&class, &unbound).choice == Choice::Primary {
+                self.unbind_soft().await?;
+            }
+        }
         let fx = effects::of_query(sql, &class);
         if (self.pinned || class.kind == StmtKind::Pin) && effects::may_unpin(sql) {
             self.releasing = true;
@@ -933,7 +945,7 @@ impl Session {
         let mut waited = false;
         let (decision, wanted) = loop {
             let decision = route::route(class, &self.state());
-                        let wanted = self.resolve(decision.choice);
+            let wanted = self.resolve(decision.choice);
             if self.busy(other(wanted)) {
                 self.drain(other(wanted)).await?;
                 continue;
@@ -1245,6 +1257,11 @@ impl Session {
                         // Parse is sent, so one parsed or injected earlier in
                         // this batch or a pipelined one is not sent twice.)
                         let name = batch::text(f, start, end);
+                        if f.tag() == tag::frontend::BIND {
+                            if let Some(replay) = bound_setting(&self.stmts, name, f) {
+                                b.sets_in_flight.push(replay);
+                            }
+                        }
                         let missing = self.stmts.get(name).filter(|s| !s.on[idx(target)]);
                         if let Some(s) = missing {
                             outgoing.push(s.parse.clone());
@@ -1610,6 +1627,20 @@ fn other(t: Target) -> Target {
         Target::Primary => Target::Replica,
         Target::Replica => Target::Primary,
     }
+}
+
+/// For a Bind of `SELECT set_config('name', $n, false)`: the statement that
+/// replays it with the value bound.
+fn bound_setting(stmts: &Statements, stmt: &str, bind: &Frame) -> Option<String> {
+    let s = stmts.get(stmt)?;
+    if s.class.kind != StmtKind::Session {
+        return None;
+    }
+    let p = Parse::parse(&s.parse[frame::HEADER_BYTES..]).ok()?;
+    let (name, n) = effects::set_config_param(p.sql)?;
+    let params = frontend::bind_params(bind.body()).ok()?;
+    let (_, value) = params.get(n)?;
+    effects::set_config_replay(name, *value)
 }
 
 /// Sleeps until the deadline of `timer` and returns what it was for.

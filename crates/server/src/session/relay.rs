@@ -164,7 +164,7 @@ impl Session {
                 bt::COPY_IN_RESPONSE => {
                     run += len;
                     let extended = b.pending.front().is_some_and(|p| p.extended);
-                                        if extended {
+                    if extended {
                         // A Sync sent behind the Execute is ignored by the
                         // server during COPY; the client sends another after
                         // CopyDone, and that one is answered.

@@ -1,0 +1,1 @@
+"""A one-model Django app for the Django case."""
