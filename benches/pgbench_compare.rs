@@ -79,6 +79,8 @@ struct Sample {
     failed: u64,
     /// CPU the proxy process used per transaction (µs), when measured.
     cpu_us: f64,
+    /// Context switches of the proxy per transaction.
+    switches: f64,
 }
 
 /// utime + stime of a process, in seconds.
@@ -93,6 +95,29 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Voluntary plus involuntary context switches of all of a process's threads.
+fn context_switches(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let mut n = 0.0;
+    for t in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            if line.contains("ctxt_switches:") {
+                n += line
+                    .split_whitespace()
+                    .last()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+        }
+    }
+    n
+}
+
 /// Runs pgbench and charges the CPU time of `proxy_pid` to it.
 fn measured(
     bins: &PgBinaries,
@@ -101,12 +126,13 @@ fn measured(
     duration: u32,
     proxy_pid: Option<u32>,
 ) -> Sample {
-    let before = proxy_pid.map(cpu_seconds);
+    let before = proxy_pid.map(|p| (cpu_seconds(p), context_switches(p)));
     let mut s = run_pgbench(bins, url, case, duration);
-    if let (Some(pid), Some(b)) = (proxy_pid, before) {
+    if let (Some(pid), Some((b, cs))) = (proxy_pid, before) {
         let tx = s.tps * f64::from(duration);
         if tx > 0.0 {
             s.cpu_us = (cpu_seconds(pid) - b) * 1e6 / tx;
+            s.switches = (context_switches(pid) - cs) / tx;
         }
     }
     s
@@ -143,6 +169,7 @@ fn run_pgbench(bins: &PgBinaries, url: &str, case: Case, duration: u32) -> Sampl
         latency_ms: find("latency average = ").unwrap_or(0.0),
         failed: find("number of failed transactions: ").unwrap_or(0.0) as u64,
         cpu_us: 0.0,
+        switches: 0.0,
     }
 }
 
@@ -367,7 +394,7 @@ fn main() {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n{:<26} {:>10} {:>10} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "\n{:<26} {:>10} {:>10} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>7}",
         "case",
         "direct",
         "pgsplit",
@@ -378,6 +405,8 @@ fn main() {
         "lat split",
         "cpu/tx sp",
         "cpu/tx bo",
+        "cs/tx sp",
+        "cs/tx bo",
         "failed"
     );
     for (i, case) in cases.iter().enumerate() {
@@ -396,7 +425,7 @@ fn main() {
         };
         let _ = writeln!(
             out,
-            "{:<26} {:>10.0} {:>10.0} {:>10} {:>8} {:>9} {:>7.3}ms {:>7.3}ms {:>7.1}µs {:>7.1}µs {:>7}",
+                        "{:<26} {:>10.0} {:>10.0} {:>10} {:>8} {:>9} {:>7.3}ms {:>7.3}ms {:>7.1}µs {:>7.1}µs {:>6.2} {:>6.2} {:>7}",
             case.label(),
             dt,
             st,
@@ -406,7 +435,9 @@ fn main() {
             mean(&direct[i], |s| s.latency_ms),
             mean(&split[i], |s| s.latency_ms),
             mean(&split[i], |s| s.cpu_us),
-            mean(&bounce[i], |s| s.cpu_us),
+                        mean(&bounce[i], |s| s.cpu_us),
+            mean(&split[i], |s| s.switches),
+            mean(&bounce[i], |s| s.switches),
             failed,
         );
     }
