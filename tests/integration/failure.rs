@@ -203,3 +203,70 @@ async fn a_backend_fatal_mid_statement_is_an_error_not_the_end() {
         replica_port(&s)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_block_is_answered_by_the_proxy_in_every_protocol() {
+    use bytes::BytesMut;
+    use pgsplit_protocol::encode;
+    let s = stack_with(fast_connect());
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE lb (x int)").await.unwrap();
+    let mut raw = Raw::login(&s).await;
+    let mut b = BytesMut::new();
+    encode::query(&mut b, "BEGIN; INSERT INTO lb VALUES (1)");
+    raw.send(&b).await;
+    raw.replies(1).await;
+    s.tunnel().cut();
+    // Extended protocol, pipelined: the statement that hits the lost
+    // connection gets 08006, the next batch 25P02 (status E), and an
+    // extended ROLLBACK is answered message by message.
+    b.clear();
+    extended(&mut b, "INSERT INTO lb VALUES (2)");
+    extended(&mut b, "SELECT 1");
+    encode::parse(&mut b, "", "ROLLBACK", &[]);
+    encode::bind(&mut b, "", "", &[]);
+    encode::describe(&mut b, b'P', "");
+    encode::execute(&mut b, "", 0);
+    encode::sync(&mut b);
+    raw.send(&b).await;
+    let mut tags = Vec::new();
+    let mut codes = Vec::new();
+    let mut ready = Vec::new();
+    while ready.len() < 3 {
+        let f = raw.frame().await.expect("open");
+        match f.tag() {
+            b'E' => codes.push(
+                pgsplit_protocol::backend::ErrorFields::parse(f.body())
+                    .unwrap()
+                    .code
+                    .to_owned(),
+            ),
+            b'Z' => ready.push(f.body()[0]),
+            t => tags.push(t),
+        }
+    }
+    assert_eq!(codes, ["08006", "25P02"]);
+    assert_eq!(ready, [b'E', b'E', b'I']);
+    // ParseComplete, BindComplete, NoData, CommandComplete for the ROLLBACK.
+    assert_eq!(tags, [b'1', b'2', b'n', b'C']);
+    // The same in the simple protocol, on a new block.
+    s.tunnel().restore();
+    b.clear();
+    encode::query(&mut b, "BEGIN; INSERT INTO lb VALUES (3)");
+    raw.send(&b).await;
+    raw.replies(1).await;
+    s.tunnel().cut();
+    b.clear();
+    encode::query(&mut b, "INSERT INTO lb VALUES (4)");
+    encode::query(&mut b, "SELECT 1");
+    encode::query(&mut b, "ROLLBACK");
+    raw.send(&b).await;
+    let r = raw.replies(3).await;
+    assert_eq!(r.errors, ["08006", "25P02"]);
+    assert_eq!(r.ready, [b'E', b'E', b'I']);
+    s.tunnel().restore();
+    let n =
+        tokio::task::block_in_place(|| s.cluster().psql(Which::Primary, "SELECT count(*) FROM lb"))
+            .unwrap();
+    assert_eq!(n.trim(), "0", "nothing of either block committed");
+}

@@ -199,9 +199,12 @@ pub(crate) struct Session {
     params: Vec<(String, String)>,
     backends: [Option<Backend>; 2],
     txn: Option<Target>,
-    /// The backend holding the client's block was lost: answer 25P02
+        /// The backend holding the client's block was lost: answer 25P02
     /// until the client ends the block.
     virtual_failed: bool,
+    /// It was lost while no statement of the client was running there: the
+    /// next statement is told why (08006) rather than just 25P02.
+    block_lost_unreported: Option<Target>,
     pinned: bool,
     /// A statement that may have released what pinned the session ran:
     /// check on the primary before the next read is kept off the replica.
@@ -326,7 +329,8 @@ impl Session {
             params,
             backends,
             txn: None,
-            virtual_failed: false,
+                        virtual_failed: false,
+            block_lost_unreported: None,
             pinned: false,
             pin_check: false,
             bound_soft: false,
@@ -1570,18 +1574,24 @@ impl Session {
     /// for a failed block — 25P02 until ROLLBACK/COMMIT, which end it.
     fn answer_failed_block(&mut self, kind: StmtKind, frames: Option<&[Frame]>) {
         let ends = matches!(kind, StmtKind::Rollback | StmtKind::Commit);
+                // A block lost while the client was idle is explained to the next
+        // statement; after that, 25P02 as a server says.
+        let failed = match self.block_lost_unreported.take() {
+            Some(t) if !ends => Error::BackendLostInBlock { target: t },
+            _ => Error::InFailedBlock,
+        };
         let Some(frames) = frames else {
             if ends {
                 self.virtual_failed = false;
                 self.push_own(|b| encode::command_complete(b, "ROLLBACK"));
             } else {
-                self.push_error(&Error::InFailedBlock);
+                self.push_error(&failed);
             }
             self.push_ready();
             return;
         };
         if !ends {
-            self.push_error(&Error::InFailedBlock);
+            self.push_error(&failed);
             let ends_cycle =
                 |f: &Frame| matches!(f.tag(), tag::frontend::SYNC | tag::frontend::FUNCTION_CALL);
             if frames.last().is_some_and(ends_cycle) {

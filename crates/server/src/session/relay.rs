@@ -384,8 +384,11 @@ impl Session {
         if self.txn == Some(t) {
             self.txn = None;
         }
-        if in_block {
+                if in_block {
             self.virtual_failed = true;
+            if !b.pending.iter().any(|p| !p.own) && self.bound != Some(t) {
+                self.block_lost_unreported = Some(t);
+            }
         }
         let err = if in_block {
             Error::BackendLostInBlock { target: t }
