@@ -87,8 +87,15 @@ async fn black_holed_tunnel_fails_writes_within_connect_timeout() {
         port_of(&c, "SELECT inet_server_port()").await,
         replica_port(&s)
     );
+    // Back: writes work again without a restart, once the heartbeat has
+    // seen the link answer (within a poll or two).
     s.tunnel().restore();
-    c.batch_execute("CREATE TABLE bh (x int)").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = c.batch_execute("CREATE TABLE bh (x int)").await {
+        assert_eq!(code(&e), "08001");
+        assert!(Instant::now() < deadline, "writes did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 //! now, so a CancelRequest reaches exactly that statement and nothing else.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
@@ -17,7 +18,17 @@ pub struct Running {
     pub secret: i32,
 }
 
-type Slot = Arc<Mutex<Option<Running>>>;
+/// One session's cancel target. The session's backends are recorded when
+/// they connect; which one is running a statement is one atomic, set and
+/// cleared twice per statement without a lock.
+#[derive(Default)]
+struct SlotInner {
+    /// 0: idle; 1 + index of the backend running the client's statement.
+    active: AtomicU8,
+    backends: Mutex<[Option<Running>; 2]>,
+}
+
+type Slot = Arc<SlotInner>;
 
 /// All live sessions' cancel keys.
 #[derive(Default)]
@@ -63,8 +74,10 @@ impl CancelRegistry {
         if *s != secret {
             return None;
         }
-        let running = slot.lock().expect("cancel slot poisoned").clone();
-        running
+        let active = usize::from(slot.active.load(Ordering::Acquire));
+        let i = active.checked_sub(1)?;
+        let backends = slot.backends.lock().expect("cancel slot poisoned");
+        backends.get(i).cloned().flatten()
     }
 
     /// Number of sessions holding a key.
@@ -81,9 +94,23 @@ impl CancelRegistry {
 }
 
 impl CancelHandle {
-    /// Records (or clears) the backend statement now running.
-    pub fn set(&self, running: Option<Running>) {
-        *self.slot.lock().expect("cancel slot poisoned") = running;
+    /// Records the session's backend number `i` (0 or 1) as it connects.
+    pub fn set_backend(&self, i: usize, running: Running) {
+        if let Some(b) = self
+            .slot
+            .backends
+            .lock()
+            .expect("cancel slot poisoned")
+            .get_mut(i)
+        {
+            *b = Some(running);
+        }
+    }
+
+    /// Backend `i` now runs the client's statement; `None`: none does.
+    pub fn set_active(&self, i: Option<usize>) {
+        let v = i.map_or(0, |i| u8::try_from(i + 1).unwrap_or(0));
+        self.slot.active.store(v, Ordering::Release);
     }
 }
 
@@ -109,7 +136,13 @@ mod tests {
             pid: 5,
             secret: 6,
         };
-        h.set(Some(r.clone()));
+        h.set_backend(1, r.clone());
+        assert_eq!(reg.lookup(h.pid, h.secret), None, "connected, idle");
+        h.set_active(Some(1));
+        assert_eq!(reg.lookup(h.pid, h.secret), Some(r.clone()));
+        h.set_active(None);
+        assert_eq!(reg.lookup(h.pid, h.secret), None);
+        h.set_active(Some(1));
         assert_eq!(reg.lookup(h.pid, h.secret), Some(r));
         assert_eq!(reg.lookup(h.pid, h.secret.wrapping_add(1)), None);
         let pid = h.pid;

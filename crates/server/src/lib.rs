@@ -186,7 +186,22 @@ fn run_worker(
             let addr = listener.local_addr()?;
             info!(%addr, primary = %shared.config.primary, replica = %shared.config.replica,
                   workers = senders.len(), "pgsplit listening");
-            tokio::spawn(monitor::run(shared.clone(), shutdown.clone()));
+            // The monitor has a thread of its own: its timer would otherwise
+            // make every idle moment of this worker arm a kernel timer.
+            let (m_shared, m_stop) = (shared.clone(), shutdown.clone());
+            std::thread::Builder::new()
+                .name("pgsplit-monitor".into())
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(monitor::run(m_shared, m_stop)),
+                        Err(e) => {
+                            tracing::error!(cause = %e, "replication monitor failed to start")
+                        }
+                    }
+                })?;
             tokio::spawn(listener::accept_loop(
                 listener,
                 shared.clone(),

@@ -199,7 +199,7 @@ pub(crate) struct Session {
     params: Vec<(String, String)>,
     backends: [Option<Backend>; 2],
     txn: Option<Target>,
-        /// The backend holding the client's block was lost: answer 25P02
+    /// The backend holding the client's block was lost: answer 25P02
     /// until the client ends the block.
     virtual_failed: bool,
     /// It was lost while no statement of the client was running there: the
@@ -317,6 +317,14 @@ impl Session {
             .iter()
             .any(|(k, v)| k == "pgsplit.report_lag" && vars::is_on(v));
         let tm = shared.config.timeouts.for_target(t == Target::Primary);
+        cancel.set_backend(
+            idx(t),
+            Running {
+                endpoint: first.endpoint.clone(),
+                pid: first.pid,
+                secret: first.secret,
+            },
+        );
         backends[idx(t)] = Some(Backend::new(first, tm));
         Session {
             shared,
@@ -329,7 +337,7 @@ impl Session {
             params,
             backends,
             txn: None,
-                        virtual_failed: false,
+            virtual_failed: false,
             block_lost_unreported: None,
             pinned: false,
             pin_check: false,
@@ -464,7 +472,9 @@ impl Session {
                 break Flow::Exit;
             }
         };
-        self.flush_copy().await?;
+        if !self.copy_data.is_empty() {
+            self.flush_copy().await?;
+        }
         Ok(flow)
     }
 
@@ -818,7 +828,9 @@ impl Session {
     }
 
     async fn on_query(&mut self, f: Frame) -> Result<(), Error> {
-        self.settle_retry().await?;
+        if self.retry.is_some() || self.retry_due {
+            self.settle_retry().await?;
+        }
         let sql = frontend::query(f.body())?;
         let class = self.classify(sql);
         self.shared.stats.count_class(&class);
@@ -904,7 +916,7 @@ impl Session {
         });
         b.sets_in_flight.extend(fx.sets);
         b.resets_in_flight.extend(fx.resets);
-        self.cancel.set(Some(b.running()));
+        self.cancel.set_active(Some(idx(target)));
         // A simple query ends the unnamed prepared statement on that server,
         // and ends an extended-protocol batch sent in part before it.
         self.stmts.mark_off("", target);
@@ -1130,7 +1142,7 @@ impl Session {
             single: true,
             retryable: false,
         });
-        self.cancel.set(Some(b.running()));
+        self.cancel.set_active(Some(idx(target)));
         self.stmts.mark_off("", target);
         let mut out = vec![raw];
         self.push_lsn_query(target, seq, &mut out);
@@ -1145,7 +1157,9 @@ impl Session {
     }
 
     async fn dispatch_batch(&mut self, synced: bool) -> Result<(), Error> {
-        self.settle_retry().await?;
+        if self.retry.is_some() || self.retry_due {
+            self.settle_retry().await?;
+        }
         use tag::frontend as t;
         if !synced && self.batch.frames.iter().all(|f| f.tag() == t::FLUSH) {
             // A lone Flush (psycopg sends one leaving pipeline mode) asks for
@@ -1290,7 +1304,7 @@ impl Session {
                 }
                 outgoing.push(f.raw().clone());
             }
-            self.cancel.set(Some(b.running()));
+            self.cancel.set_active(Some(idx(target)));
         }
         if synced {
             let writes = self.commits_write(class.kind, target);
@@ -1371,7 +1385,9 @@ impl Session {
                     self.replica_retry_at = None;
                 }
                 let tm = self.shared.config.timeouts.for_target(t == Target::Primary);
-                self.backends[idx(t)] = Some(Backend::new(conn, tm));
+                let b = Backend::new(conn, tm);
+                self.cancel.set_backend(idx(t), b.running());
+                self.backends[idx(t)] = Some(b);
                 Ok(t)
             }
             Err(BackendError::Refused { code, message, .. })
@@ -1574,7 +1590,7 @@ impl Session {
     /// for a failed block — 25P02 until ROLLBACK/COMMIT, which end it.
     fn answer_failed_block(&mut self, kind: StmtKind, frames: Option<&[Frame]>) {
         let ends = matches!(kind, StmtKind::Rollback | StmtKind::Commit);
-                // A block lost while the client was idle is explained to the next
+        // A block lost while the client was idle is explained to the next
         // statement; after that, 25P02 as a server says.
         let failed = match self.block_lost_unreported.take() {
             Some(t) if !ends => Error::BackendLostInBlock { target: t },

@@ -344,7 +344,7 @@ impl Session {
         self.rearm(t);
         let idle = self.backends.iter().flatten().all(|b| b.pending.is_empty());
         if idle && self.bound.is_none() {
-            self.cancel.set(None);
+            self.cancel.set_active(None);
         }
     }
 
@@ -384,7 +384,7 @@ impl Session {
         if self.txn == Some(t) {
             self.txn = None;
         }
-                if in_block {
+        if in_block {
             self.virtual_failed = true;
             if !b.pending.iter().any(|p| !p.own) && self.bound != Some(t) {
                 self.block_lost_unreported = Some(t);
@@ -425,7 +425,7 @@ impl Session {
                 self.skip_until_sync = true;
             }
         }
-        self.cancel.set(None);
+        self.cancel.set_active(None);
         Ok(())
     }
 }
