@@ -277,3 +277,41 @@ async fn a_lost_block_is_answered_by_the_proxy_in_every_protocol() {
             .unwrap();
     assert_eq!(n.trim(), "0", "nothing of either block committed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_servers_unreachable_is_08001_and_the_session_survives() {
+    let mut s = stack_with(fast_connect());
+    let c = client(&s).await;
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+    tokio::task::block_in_place(|| s.cluster_mut().stop_replica()).unwrap();
+    s.tunnel().cut();
+    let e = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), "08001");
+    assert!(
+        e.as_db_error()
+            .unwrap()
+            .message()
+            .contains("no server reachable"),
+        "{e}"
+    );
+    // The primary back: the same session reads from it.
+    s.tunnel().restore();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.simple_query("SELECT inet_server_port()").await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(code(&e), "08001");
+                assert!(Instant::now() < deadline, "reads did not come back");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        primary_port(&s)
+    );
+}
