@@ -10,6 +10,7 @@ mod admin;
 mod auth;
 mod common;
 mod consistency;
+mod docs;
 mod failure;
 mod pipeline;
 mod protocol;
