@@ -252,3 +252,75 @@ async fn the_heartbeat_answers_statements_stuck_in_a_black_hole() {
     .unwrap();
     assert_eq!(rows.trim(), "4", "only what the client was told succeeded");
 }
+
+/// Resident memory of this process (the proxy runs inside it), in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_on_a_black_hole_do_not_stop_the_reads() {
+    let s = stack_set(&["monitor.heartbeat_timeout=1s"]);
+    let reader = client(&s).await;
+    reader
+        .batch_execute("CREATE TABLE fifty (x int)")
+        .await
+        .unwrap();
+    let before = rss_kib();
+    let sessions_before = s.proxy().shared().cancels.len();
+    s.tunnel().blackhole();
+    let mut writers = Vec::new();
+    for i in 0..50i32 {
+        let c = client(&s).await;
+        writers.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let e = c
+                .execute("INSERT INTO fifty VALUES ($1)", &[&i])
+                .await
+                .expect_err("no write gets through a black hole");
+            (code(&e), started.elapsed())
+        }));
+    }
+    // Reads for another client go on meanwhile, each promptly.
+    for _ in 0..30 {
+        let started = Instant::now();
+        assert_eq!(
+            port_of(&reader, "SELECT inet_server_port()").await,
+            replica_port(&s)
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for w in writers {
+        let (code, took) = w.await.unwrap();
+        assert!(
+            ["08001", "08006", "08007"].contains(&code.as_str()),
+            "{code}"
+        );
+        assert!(took < Duration::from_secs(10), "{took:?}");
+    }
+    s.tunnel().restore();
+    // Every writer's session ended with its client: nothing left behind.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.proxy().shared().cancels.len() > sessions_before {
+        assert!(Instant::now() < deadline, "sessions leaked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let grown = rss_kib().saturating_sub(before);
+    assert!(grown < 64 * 1024, "memory grew by {grown} KiB");
+    let n = tokio::task::block_in_place(|| {
+        s.cluster()
+            .psql(Which::Primary, "SELECT count(*) FROM fifty")
+    })
+    .unwrap();
+    assert_eq!(n.trim(), "0", "no write was acknowledged, none is there");
+}
