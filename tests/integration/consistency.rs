@@ -507,3 +507,60 @@ async fn replica_lag_is_reported_to_clients_that_opt_in() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_read_the_replica_refuses_runs_on_the_primary_once() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = stack_without_read_your_writes();
+    let (p, r) = (primary_port(&s), replica_port(&s));
+    let c = client(&s).await;
+    c.batch_execute(
+        "CREATE TABLE touched2 (n int); \
+         CREATE FUNCTION touch2(int) RETURNS int LANGUAGE sql \
+         AS 'INSERT INTO touched2 VALUES ($1) RETURNING n'",
+    )
+    .await
+    .unwrap();
+    caught_up(&s);
+    let stats = &s.proxy().shared().stats;
+    // A named statement prepared (on the replica), then executed twice.
+    let stmt = c
+        .prepare("SELECT n, touch2(n), inet_server_port() FROM generate_series(1, 2) n")
+        .await
+        .unwrap();
+    for round in 0..2 {
+        let rows = c
+            .query(&stmt, &[])
+            .await
+            .expect("no 25006 reaches the client");
+        assert_eq!(rows.len(), 2);
+        let port: i32 = rows[0].get(2);
+        assert_eq!(port, p, "round {round}");
+    }
+    assert_eq!(
+        stats.retried_on_primary.load(Relaxed),
+        1,
+        "retried once, then known"
+    );
+    // Unnamed, in one batch with a Describe, pipelined behind a plain read.
+    let mut raw = Raw::login(&s).await;
+    let mut b = BytesMut::new();
+    extended(&mut b, "SELECT inet_server_port()");
+    encode::parse(&mut b, "", "SELECT touch2(7), inet_server_port()", &[]);
+    encode::bind(&mut b, "", "", &[]);
+    encode::describe(&mut b, b'P', "");
+    encode::execute(&mut b, "", 0);
+    encode::sync(&mut b);
+    extended(&mut b, "SELECT inet_server_port()");
+    raw.send(&b).await;
+    let got = raw.replies(3).await;
+    assert!(got.errors.is_empty(), "{got:?}");
+    assert_eq!(got.values, [r.to_string(), "7".to_string(), r.to_string()]);
+    assert_eq!(stats.retried_on_primary.load(Relaxed), 2);
+    let n: i64 = c
+        .query_one("/* pgsplit:primary */ SELECT count(*) FROM touched2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 5, "every write happened exactly once");
+}

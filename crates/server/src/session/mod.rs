@@ -166,6 +166,13 @@ impl Backend {
     }
 }
 
+/// A read sent to the replica that runs again on the primary if the
+/// replica refuses it as a write (25006).
+enum Retry {
+    Query(Bytes),
+    Batch(Vec<Frame>, Vec<Meta>),
+}
+
 /// A COPY FROM STDIN in progress: client frames go straight to `target`.
 #[derive(Debug, Clone, Copy)]
 struct CopyIn {
@@ -265,7 +272,7 @@ pub(crate) struct Session {
     /// Portals bound to local (`pgsplit.*`) statements: (portal, statement).
     local_portals: Vec<(String, String)>,
     /// The Query of the retryable read in flight on the replica.
-    retry: Option<Bytes>,
+    retry: Option<Retry>,
     /// The replica refused `retry`: run it on the primary next.
     retry_due: bool,
     cancel: CancelHandle,
@@ -898,7 +905,7 @@ impl Session {
                 .as_ref()
                 .is_some_and(|b| b.pending.is_empty());
         if retryable {
-            self.retry = Some(f.raw().clone());
+            self.retry = Some(Retry::Query(f.raw().clone()));
         }
         let b = self.backends[idx(target)].as_mut().expect("ensured");
         b.hold = retryable;
@@ -1103,8 +1110,10 @@ impl Session {
         if !std::mem::take(&mut self.retry_due) {
             return Ok(());
         }
-        let Some(raw) = self.retry.take() else {
-            return Ok(());
+        let raw = match self.retry.take() {
+            None => return Ok(()),
+            Some(Retry::Batch(frames, meta)) => return self.retry_batch(frames, meta).await,
+            Some(Retry::Query(raw)) => raw,
         };
         let Ok(sql) = frontend::query(&raw[frame::HEADER_BYTES..]) else {
             return Ok(());
@@ -1147,6 +1156,50 @@ impl Session {
         let mut out = vec![raw];
         self.push_lsn_query(target, seq, &mut out);
         self.send_raw(target, &out).await
+    }
+
+    /// An extended-protocol batch the replica refused (25006): its
+    /// statements are learned as writes, forgotten on the replica, and the
+    /// batch runs again on the primary.
+    async fn retry_batch(&mut self, frames: Vec<Frame>, mut meta: Vec<Meta>) -> Result<(), Error> {
+        debug!("the replica refused a batch as a write; running it on the primary");
+        self.shared
+            .stats
+            .retried_on_primary
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for (f, m) in frames.iter().zip(meta.iter_mut()) {
+            match m {
+                Meta::Parse {
+                    name_end,
+                    sql,
+                    class,
+                } => {
+                    let text = batch::text(f, sql.0, sql.1);
+                    self.shared.classifier.learn_write(text);
+                    self.memo.forget(text);
+                    class.kind = StmtKind::Write;
+                    // Defined on the replica by this batch: start afresh, so
+                    // the primary gets it from this batch's own Parse.
+                    self.stmts
+                        .close(batch::text(f, 0, *name_end), Target::Primary);
+                }
+                Meta::Uses { start, end } => self.stmts.mark_write(batch::text(f, *start, *end)),
+                _ => {}
+            }
+        }
+                // The batch being assembled (this retry may run just before it is
+        // dispatched) waits its turn.
+        let current = std::mem::take(&mut self.batch);
+        self.batch.frames = frames;
+        self.batch.meta = meta;
+        self.batch.class = Some(Class {
+            kind: StmtKind::Write,
+            statements: 1,
+            ..EMPTY
+        });
+        let res = Box::pin(self.dispatch_batch(true)).await;
+        self.batch = current;
+        res
     }
 
     /// Relays everything both backends still owe the client, before the
@@ -1309,7 +1362,26 @@ impl Session {
         if synced {
             let writes = self.commits_write(class.kind, target);
             let copy = writes && self.batch_has_copy();
+            // A read outside a block may be refused by the replica as a
+            // write (25006): keep the batch to run it again on the primary.
+            let retryable = target == Target::Replica
+                && self.txn.is_none()
+                && self.last_route.1 == Reason::Read
+                && self.backends[idx(target)]
+                    .as_ref()
+                    .is_some_and(|b| b.pending.is_empty())
+                && !self.batch.frames.iter().any(|f| {
+                    matches!(f.tag(), tag::frontend::CLOSE | tag::frontend::FUNCTION_CALL)
+                });
+            if retryable {
+                self.retry = Some(Retry::Batch(
+                    self.batch.frames.clone(),
+                    self.batch.meta.clone(),
+                ));
+            }
             let b = self.backends[idx(target)].as_mut().expect("ensured");
+            b.hold = retryable;
+            b.held = 0;
             b.pending.push_back(Pending {
                 seq,
                 extended: true,
@@ -1318,7 +1390,7 @@ impl Session {
                 own: false,
                 copy,
                 single: class.statements <= 1,
-                retryable: false,
+                retryable,
             });
             if writes && !copy {
                 self.push_lsn_query(target, seq, &mut outgoing);

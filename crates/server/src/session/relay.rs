@@ -57,16 +57,38 @@ impl Session {
                     if tag == bt::READY_FOR_QUERY {
                         b.retrying = false;
                         b.status = msg::ready_for_query(&f[frame::HEADER_BYTES..])?;
-                        b.pending.pop_front();
+                        let done = b.pending.pop_front();
                         b.errored = false;
+                        if let Some(p) = done {
+                            self.undo_unconfirmed(t, p.seq);
+                        }
                         self.retry_due = true;
                         self.rearm(t);
                     }
                     continue;
                 }
                 match tag {
-                    bt::ROW_DESCRIPTION | bt::NOTICE_RESPONSE | bt::PARAMETER_STATUS => {
+                    bt::ROW_DESCRIPTION
+                    | bt::NOTICE_RESPONSE
+                    | bt::PARAMETER_STATUS
+                    | bt::PARAMETER_DESCRIPTION
+                    | bt::NO_DATA
+                    | bt::BIND_COMPLETE => {
                         run += len;
+                        continue;
+                    }
+                    bt::PARSE_COMPLETE => {
+                        // Bookkeeping now; the bytes are held (or dropped,
+                        // for a Parse the proxy injected).
+                        if self.on_complete(t, tag) {
+                            run += len;
+                        } else {
+                            let b = self.backends[idx(t)].as_mut().expect("exists");
+                            let mut kept = b.conn.rbuf.split_to(run);
+                            let _ = b.conn.rbuf.split_to(len);
+                            kept.unsplit(std::mem::take(&mut b.conn.rbuf));
+                            b.conn.rbuf = kept;
+                        }
                         continue;
                     }
                     bt::ERROR_RESPONSE => {
@@ -248,6 +270,26 @@ impl Session {
         }
     }
 
+    /// Whatever cycle `seq` on `t` did not confirm was skipped after an
+    /// error: undo the optimistic bookkeeping.
+    fn undo_unconfirmed(&mut self, t: Target, seq: u64) {
+        let Some(b) = self.backends[idx(t)].as_mut() else {
+            return;
+        };
+        while b.expect.front().is_some_and(|(s, _)| *s <= seq) {
+            match b.expect.pop_front().map(|(_, e)| e) {
+                Some(Expect::ClientParse {
+                    name,
+                    raw,
+                    existed: false,
+                    ..
+                }) => self.stmts.forget_if(&name, &raw),
+                Some(Expect::InjectedParse { name }) => self.stmts.mark_off(&name, t),
+                _ => {}
+            }
+        }
+    }
+
     /// ReadyForQuery: one cycle on `t` finished.
     fn on_ready(&mut self, t: Target, status: TxStatus) {
         let b = self.backends[idx(t)].as_mut().expect("exists");
@@ -255,23 +297,10 @@ impl Session {
         if done.is_some_and(|p| p.retryable) {
             self.retry = None;
         }
-        let b = self.backends[idx(t)].as_mut().expect("exists");
         if let Some(p) = done {
-            // Whatever this cycle did not confirm was skipped after an error:
-            // undo the optimistic bookkeeping.
-            while b.expect.front().is_some_and(|(s, _)| *s <= p.seq) {
-                match b.expect.pop_front().map(|(_, e)| e) {
-                    Some(Expect::ClientParse {
-                        name,
-                        raw,
-                        existed: false,
-                        ..
-                    }) => self.stmts.forget_if(&name, &raw),
-                    Some(Expect::InjectedParse { name }) => self.stmts.mark_off(&name, t),
-                    _ => {}
-                }
-            }
+            self.undo_unconfirmed(t, p.seq);
         }
+        let b = self.backends[idx(t)].as_mut().expect("exists");
         if let Some(p) = done.filter(|p| p.writes) {
             // A single statement that failed committed nothing.
             let failed = b.errored && p.single;

@@ -123,6 +123,14 @@ impl Statements {
         }
     }
 
+    /// The statement turned out to write (the replica refused it): it
+    /// routes to the primary from now on.
+    pub fn mark_write(&mut self, name: &str) {
+        if let Some(s) = self.get_mut(name) {
+            s.class.kind = pgsplit_router::StmtKind::Write;
+        }
+    }
+
     /// An injected Parse succeeded on `t`.
     pub fn mark_on(&mut self, name: &str, t: Target) {
         if let Some(s) = self.get_mut(name) {
