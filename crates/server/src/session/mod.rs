@@ -1187,7 +1187,7 @@ impl Session {
                 _ => {}
             }
         }
-                // The batch being assembled (this retry may run just before it is
+        // The batch being assembled (this retry may run just before it is
         // dispatched) waits its turn.
         let current = std::mem::take(&mut self.batch);
         self.batch.frames = frames;
