@@ -170,7 +170,8 @@ impl Backend {
 /// replica refuses it as a write (25006).
 enum Retry {
     Query(Bytes),
-    Batch(Vec<Frame>, Vec<Meta>),
+    /// The batch in `Session::retry_frames` / `retry_meta`.
+    Batch,
 }
 
 /// A COPY FROM STDIN in progress: client frames go straight to `target`.
@@ -275,6 +276,9 @@ pub(crate) struct Session {
     retry: Option<Retry>,
     /// The replica refused `retry`: run it on the primary next.
     retry_due: bool,
+    /// The batch of a retryable extended-protocol read (see `Retry::Batch`).
+    retry_frames: Vec<Frame>,
+    retry_meta: Vec<Meta>,
     cancel: CancelHandle,
     replica_retry_at: Option<Instant>,
     shutdown: CancellationToken,
@@ -371,6 +375,8 @@ impl Session {
             ignore_lsn: false,
             retry: None,
             retry_due: false,
+            retry_frames: Vec::new(),
+            retry_meta: Vec::new(),
             local_portals: Vec::new(),
             idle_in_transaction,
             idle_since: Instant::now(),
@@ -776,6 +782,18 @@ impl Session {
         self.send_raw(t, &out).await
     }
 
+    /// Whether a statement just routed to `target` is a read the replica
+    /// may refuse and the proxy can run again on the primary: outside a
+    /// block, routed as a read, and nothing else in flight there.
+    fn retryable_read(&self, target: Target) -> bool {
+        target == Target::Replica
+            && self.txn.is_none()
+            && self.last_route.1 == Reason::Read
+            && self.backends[idx(target)]
+                .as_ref()
+                .is_some_and(|b| b.pending.is_empty())
+    }
+
     /// Whether a cycle of `kind` sent to `t` may commit a write.
     fn commits_write(&self, kind: StmtKind, t: Target) -> bool {
         t == Target::Primary
@@ -898,12 +916,7 @@ impl Session {
         let seq = self.seq;
         let writes = self.commits_write(class.kind, target);
         let copy = writes && effects::has_copy(sql);
-        let retryable = target == Target::Replica
-            && self.txn.is_none()
-            && self.last_route.1 == Reason::Read
-            && self.backends[idx(target)]
-                .as_ref()
-                .is_some_and(|b| b.pending.is_empty());
+        let retryable = self.retryable_read(target);
         if retryable {
             self.retry = Some(Retry::Query(f.raw().clone()));
         }
@@ -1112,7 +1125,7 @@ impl Session {
         }
         let raw = match self.retry.take() {
             None => return Ok(()),
-            Some(Retry::Batch(frames, meta)) => return self.retry_batch(frames, meta).await,
+            Some(Retry::Batch) => return self.retry_batch().await,
             Some(Retry::Query(raw)) => raw,
         };
         let Ok(sql) = frontend::query(&raw[frame::HEADER_BYTES..]) else {
@@ -1161,7 +1174,9 @@ impl Session {
     /// An extended-protocol batch the replica refused (25006): its
     /// statements are learned as writes, forgotten on the replica, and the
     /// batch runs again on the primary.
-    async fn retry_batch(&mut self, frames: Vec<Frame>, mut meta: Vec<Meta>) -> Result<(), Error> {
+    async fn retry_batch(&mut self) -> Result<(), Error> {
+        let frames = std::mem::take(&mut self.retry_frames);
+        let mut meta = std::mem::take(&mut self.retry_meta);
         debug!("the replica refused a batch as a write; running it on the primary");
         self.shared
             .stats
@@ -1364,20 +1379,15 @@ impl Session {
             let copy = writes && self.batch_has_copy();
             // A read outside a block may be refused by the replica as a
             // write (25006): keep the batch to run it again on the primary.
-            let retryable = target == Target::Replica
-                && self.txn.is_none()
-                && self.last_route.1 == Reason::Read
-                && self.backends[idx(target)]
-                    .as_ref()
-                    .is_some_and(|b| b.pending.is_empty())
+            let retryable = self.retryable_read(target)
                 && !self.batch.frames.iter().any(|f| {
                     matches!(f.tag(), tag::frontend::CLOSE | tag::frontend::FUNCTION_CALL)
                 });
             if retryable {
-                self.retry = Some(Retry::Batch(
-                    self.batch.frames.clone(),
-                    self.batch.meta.clone(),
-                ));
+                // Kept in buffers reused from batch to batch: no allocation.
+                self.retry_frames.clone_from(&self.batch.frames);
+                self.retry_meta.clone_from(&self.batch.meta);
+                self.retry = Some(Retry::Batch);
             }
             let b = self.backends[idx(target)].as_mut().expect("ensured");
             b.hold = retryable;

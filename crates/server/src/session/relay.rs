@@ -296,6 +296,9 @@ impl Session {
         let done = b.pending.pop_front();
         if done.is_some_and(|p| p.retryable) {
             self.retry = None;
+            // Drop the frames' references now, so the client's read buffer
+            // can be reused rather than reallocated.
+            self.retry_frames.clear();
         }
         if let Some(p) = done {
             self.undo_unconfirmed(t, p.seq);
