@@ -70,6 +70,29 @@ struct Pending {
     copy: bool,
 }
 
+impl Pending {
+    /// A cycle of the client's: a simple Query or a batch ending in Sync.
+    fn client(
+        seq: u64,
+        extended: bool,
+        class: &Class,
+        writes: bool,
+        copy: bool,
+        retryable: bool,
+    ) -> Pending {
+        Pending {
+            seq,
+            extended,
+            commits: class.kind == StmtKind::Commit,
+            writes,
+            own: false,
+            copy,
+            single: class.statements <= 1,
+            retryable,
+        }
+    }
+}
+
 /// What a ParseComplete/CloseComplete from the backend answers.
 ///
 /// Statements are recorded as existing when their Parse is sent, so a
@@ -794,6 +817,16 @@ impl Session {
                 .is_some_and(|b| b.pending.is_empty())
     }
 
+    /// Records a client cycle sent to `t` (a retryable one holds its first
+    /// replies back); returns the backend.
+    fn client_cycle(&mut self, t: Target, p: Pending) -> &mut Backend {
+        let b = self.backends[idx(t)].as_mut().expect("ensured");
+        b.hold = p.retryable;
+        b.held = 0;
+        b.pending.push_back(p);
+        b
+    }
+
     /// Whether a cycle of `kind` sent to `t` may commit a write.
     fn commits_write(&self, kind: StmtKind, t: Target) -> bool {
         t == Target::Primary
@@ -920,20 +953,11 @@ impl Session {
         if retryable {
             self.retry = Some(Retry::Query(f.raw().clone()));
         }
-        let b = self.backends[idx(target)].as_mut().expect("ensured");
-        b.hold = retryable;
-        b.held = 0;
         // Recorded before the write, so a failed write answers this query.
-        b.pending.push_back(Pending {
-            seq,
-            extended: false,
-            commits: class.kind == StmtKind::Commit,
-            writes,
-            own: false,
-            copy,
-            single: class.statements <= 1,
-            retryable,
-        });
+        let b = self.client_cycle(
+            target,
+            Pending::client(seq, false, &class, writes, copy, retryable),
+        );
         b.sets_in_flight.extend(fx.sets);
         b.resets_in_flight.extend(fx.resets);
         self.cancel.set_active(Some(idx(target)));
@@ -1389,19 +1413,10 @@ impl Session {
                 self.retry_meta.clone_from(&self.batch.meta);
                 self.retry = Some(Retry::Batch);
             }
-            let b = self.backends[idx(target)].as_mut().expect("ensured");
-            b.hold = retryable;
-            b.held = 0;
-            b.pending.push_back(Pending {
-                seq,
-                extended: true,
-                commits: class.kind == StmtKind::Commit,
-                writes,
-                own: false,
-                copy,
-                single: class.statements <= 1,
-                retryable,
-            });
+            self.client_cycle(
+                target,
+                Pending::client(seq, true, &class, writes, copy, retryable),
+            );
             if writes && !copy {
                 self.push_lsn_query(target, seq, &mut outgoing);
             }
