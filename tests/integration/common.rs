@@ -239,6 +239,10 @@ pub struct Replies {
     pub values: Vec<String>,
     /// SQLSTATE of every ErrorResponse.
     pub errors: Vec<String>,
+    /// Message of every ErrorResponse.
+    pub messages: Vec<String>,
+    /// Tag of every CommandComplete.
+    pub tags: Vec<String>,
     /// Transaction status of every ReadyForQuery.
     pub ready: Vec<u8>,
 }
@@ -263,6 +267,13 @@ impl Raw {
                 b'E' => {
                     let e = pgsplit_protocol::backend::ErrorFields::parse(f.body()).unwrap();
                     r.errors.push(e.code.to_owned());
+                    r.messages.push(e.message.to_owned());
+                }
+                b'C' => {
+                    let body = f.body();
+                    let end = body.iter().position(|&c| c == 0).unwrap_or(body.len());
+                    r.tags
+                        .push(String::from_utf8_lossy(&body[..end]).into_owned());
                 }
                 b'Z' => r.ready.push(f.body()[0]),
                 _ => {}

@@ -14,6 +14,7 @@ mod docs;
 mod failure;
 mod pipeline;
 mod protocol;
+mod resolution;
 mod routing;
 mod session;
 mod timeouts;

@@ -123,9 +123,12 @@ async fn a_slow_autocommit_write_gets_its_true_outcome() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_into_a_black_hole_is_unknown_not_failed() {
+    // Autocommit writes run as they are (not as one-statement blocks), so
+    // the proxy cannot know whether a write that went out committed.
     let s = stack_set(&[
         "timeouts.statement_timeout=300ms",
         "timeouts.commit_resolution_timeout=500ms",
+        "timeouts.commit_resolution=blocks",
         "monitor.heartbeat_timeout=10s",
     ]);
     let c = client(&s).await;
@@ -148,6 +151,41 @@ async fn a_write_into_a_black_hole_is_unknown_not_failed() {
         replica_port(&s)
     );
     s.tunnel().restore();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrapped_write_into_a_black_hole_times_out_and_never_commits() {
+    // By default an autocommit write runs as a one-statement block whose
+    // COMMIT the proxy sends only after the write answered: a write stuck
+    // before that point can be cancelled for sure (57014 at the deadline).
+    let s = stack_set(&[
+        "timeouts.statement_timeout=300ms",
+        "monitor.heartbeat_timeout=10s",
+    ]);
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE wb (x int)").await.unwrap();
+    s.tunnel().blackhole();
+    let started = Instant::now();
+    let e = c
+        .batch_execute("INSERT INTO wb VALUES (1)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "57014", "{e}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+    // The held statements reach the server once the tunnel is back; the
+    // proxy's connection is gone, so the block rolls back.
+    s.tunnel().restore();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n =
+        tokio::task::block_in_place(|| s.cluster().psql(Which::Primary, "SELECT count(*) FROM wb"))
+            .unwrap();
+    assert_eq!(n.trim(), "0");
+    c.batch_execute("INSERT INTO wb VALUES (2)").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

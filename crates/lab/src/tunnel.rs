@@ -32,6 +32,11 @@ pub enum TunnelMode {
     Delay(Duration),
     /// Forward nothing, but keep every socket open and accept new connections.
     Blackhole,
+    /// Forward client → server as usual, but discard everything the server
+    /// sends: a request arrives and runs, its answer is lost.
+    DropReplies,
+    /// Forward at most this many bytes per second in each direction.
+    Throttle(u64),
     /// Connections were reset; new ones are accepted and reset at once.
     Cut,
 }
@@ -149,6 +154,18 @@ impl Tunnel {
     /// queued with their due time, so throughput is not limited by the delay.
     pub fn delay(&self, latency: Duration) {
         self.set_mode(TunnelMode::Delay(latency));
+    }
+
+    /// Lets requests through and discards every answer (until the next mode
+    /// change): what a client sees when a tunnel dies after its request
+    /// arrived and before the reply came back.
+    pub fn drop_replies(&self) {
+        self.set_mode(TunnelMode::DropReplies);
+    }
+
+    /// Limits each direction of every connection to `bytes_per_second`.
+    pub fn throttle(&self, bytes_per_second: u64) {
+        self.set_mode(TunnelMode::Throttle(bytes_per_second.max(1)));
     }
 
     /// Back to plain forwarding, for connections that survived and for new ones.

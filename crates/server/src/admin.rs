@@ -212,6 +212,18 @@ pub(crate) fn metrics(shared: &Shared) -> String {
             }
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP pgsplit_commit_resolutions_total Commits whose answer was lost, by the outcome the proxy learned.\n\
+         # TYPE pgsplit_commit_resolutions_total counter"
+    );
+    for (i, outcome) in crate::stats::RESOLUTIONS.iter().enumerate() {
+        let n = s.resolutions[i].load(Relaxed);
+        let _ = writeln!(
+            out,
+            "pgsplit_commit_resolutions_total{{outcome=\"{outcome}\"}} {n}"
+        );
+    }
     let mut counter = |name: &str, help: &str, v: u64| {
         let _ = writeln!(
             out,

@@ -115,6 +115,9 @@ pub struct Timeouts {
     /// before answering 08007.
     #[serde(deserialize_with = "duration")]
     pub commit_resolution_timeout: Duration,
+    /// Which lost commits the proxy resolves through the transaction's id
+    /// (see [`CommitResolution`]).
+    pub commit_resolution: CommitResolution,
     /// A client idle inside a transaction block longer than this has its
     /// transaction rolled back and its session ended (FATAL 25P03); 0 = off.
     #[serde(deserialize_with = "duration")]
@@ -156,6 +159,7 @@ impl Default for Timeouts {
             shutdown_grace: Duration::from_secs(10),
             statement_timeout: Duration::ZERO,
             commit_resolution_timeout: Duration::from_secs(10),
+            commit_resolution: CommitResolution::default(),
             idle_in_transaction_timeout: Duration::ZERO,
             server_idle_timeout: Duration::ZERO,
             server_lifetime: Duration::ZERO,
@@ -238,6 +242,26 @@ impl Default for Routing {
             max_wait_for_replica: Duration::ZERO,
         }
     }
+}
+
+/// Which commits the proxy can resolve when the answer to them is lost.
+///
+/// Resolving needs the transaction's id before the COMMIT is sent. In a
+/// block it is asked for behind the block's first write, in the same round
+/// trip; an autocommit write has no moment before its commit, so `all` runs
+/// it as a one-statement block (BEGIN, the write and the id in one round
+/// trip, then COMMIT): one more round trip to the primary per autocommit
+/// write.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CommitResolution {
+    /// Explicit blocks and autocommit writes.
+    #[default]
+    All,
+    /// Explicit blocks only: a lost autocommit write is `08007`.
+    Blocks,
+    /// Nothing: every lost commit is `08007`.
+    Off,
 }
 
 /// When a session's reads follow its writes to the primary.

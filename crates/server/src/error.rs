@@ -77,6 +77,14 @@ pub enum Error {
     /// The proxy's `statement_timeout` passed.
     #[error("canceling statement due to statement timeout")]
     StatementTimeout,
+    /// A COMMIT whose answer was lost, resolved: the server rolled the
+    /// transaction back.
+    #[error("connection to the primary lost after the commit was sent; it did not commit: the transaction was rolled back")]
+    CommitRolledBack,
+    /// A write the proxy ran as a one-statement block lost its connection
+    /// before the proxy sent COMMIT: nothing of it committed.
+    #[error("connection to the primary lost before the write committed; the transaction was rolled back")]
+    WriteRolledBack,
     /// A write or COMMIT whose outcome could not be learned in time.
     #[error("the outcome of the transaction is unknown: the connection to the primary was lost after the commit was sent and it could not be resolved in time")]
     TransactionResolutionUnknown,
@@ -151,9 +159,10 @@ impl Error {
                 (Severity::Error, SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION)
             }
             Error::BackendRefused { code, .. } => (Severity::Error, code.as_str()),
-            Error::BackendLost { .. } | Error::BackendLostInBlock { .. } => {
-                (Severity::Error, CONNECTION_FAILURE)
-            }
+            Error::BackendLost { .. }
+            | Error::BackendLostInBlock { .. }
+            | Error::CommitRolledBack
+            | Error::WriteRolledBack => (Severity::Error, CONNECTION_FAILURE),
             Error::NotSupported(_) => (Severity::Error, FEATURE_NOT_SUPPORTED),
             Error::InFailedBlock => (Severity::Error, IN_FAILED_SQL_TRANSACTION),
             Error::UnknownVariable(_) => (Severity::Error, UNDEFINED_OBJECT),

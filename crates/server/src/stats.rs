@@ -21,6 +21,9 @@ pub const REASONS: [Reason; 11] = [
     Reason::Stale,
 ];
 
+/// Outcomes of lost commits, in the order of [`Stats::resolutions`].
+pub const RESOLUTIONS: [&str; 3] = ["committed", "aborted", "unknown"];
+
 /// Process-wide counters.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -35,6 +38,8 @@ pub struct Stats {
     pub parser_decided: AtomicU64,
     /// Reads the replica refused as writes (25006), run again on the primary.
     pub retried_on_primary: AtomicU64,
+    /// Lost commits resolved, by outcome: committed, aborted, unknown.
+    pub resolutions: [AtomicU64; 3],
     pub clients_accepted: AtomicU64,
     pub clients_rejected: AtomicU64,
 }
@@ -47,6 +52,12 @@ impl Stats {
         if c.stage == Stage::Parser {
             self.parser_decided.fetch_add(1, Relaxed);
         }
+    }
+
+    /// Counts a lost commit's resolution by its outcome's name.
+    pub fn count_resolution(&self, outcome: &str) {
+        let i = RESOLUTIONS.iter().position(|o| *o == outcome).unwrap_or(2);
+        self.resolutions[i].fetch_add(1, Relaxed);
     }
 
     pub fn count_route(&self, d: &Decision) {

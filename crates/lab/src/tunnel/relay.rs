@@ -123,8 +123,8 @@ async fn relay(
     let (client_read, client_write) = client.split();
     let (upstream_read, upstream_write) = upstream.split();
     tokio::try_join!(
-        pump(client_read, upstream_write, state),
-        pump(upstream_read, client_write, state),
+        pump(client_read, upstream_write, state, false),
+        pump(upstream_read, client_write, state, true),
     )
     .map(drop)
 }
@@ -136,10 +136,12 @@ struct Chunk {
 }
 
 /// One direction: reads `from`, writes `to`, and half-closes `to` after `from`'s EOF.
+/// `replies` is the server → client direction.
 async fn pump(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
     state: &watch::Sender<State>,
+    replies: bool,
 ) -> io::Result<()> {
     let (queue, mut queued) = mpsc::channel::<Chunk>(QUEUE_CHUNKS);
     let mut read_state = state.subscribe();
@@ -147,7 +149,7 @@ async fn pump(
 
     let reading = async move {
         loop {
-            flowing(&mut read_state).await;
+            flowing(&mut read_state).await?;
             let mut bytes = vec![0; CHUNK_BYTES];
             let n = from.read(&mut bytes).await?;
             if n == 0 {
@@ -174,7 +176,18 @@ async fn pump(
             if chunk.due > Instant::now() {
                 tokio::time::sleep_until(chunk.due).await;
             }
-            flowing(&mut write_state).await;
+            flowing(&mut write_state).await?;
+            let mode = write_state.borrow().mode;
+            match mode {
+                TunnelMode::DropReplies if replies => continue,
+                TunnelMode::Throttle(rate) => {
+                    // Each chunk waits its share of a second: at most
+                    // `rate` bytes a second get through.
+                    let secs = chunk.bytes.len() as f64 / rate as f64;
+                    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+                }
+                _ => {}
+            }
             to.write_all(&chunk.bytes).await?;
         }
         to.shutdown().await
@@ -182,10 +195,18 @@ async fn pump(
     tokio::try_join!(reading, writing).map(drop)
 }
 
-/// Waits while the tunnel is a black hole.
-async fn flowing(state: &mut watch::Receiver<State>) {
+/// Waits while the tunnel is a black hole. A cut fails the pump instead:
+/// what a black hole held must never slip through as it is cut.
+async fn flowing(state: &mut watch::Receiver<State>) -> io::Result<()> {
     // An error means the tunnel is being dropped, which drops this task too.
-    let _ = state.wait_for(|s| s.mode != TunnelMode::Blackhole).await;
+    let mode = state
+        .wait_for(|s| s.mode != TunnelMode::Blackhole)
+        .await
+        .map(|s| s.mode);
+    if mode.is_ok_and(|m| m == TunnelMode::Cut) {
+        return Err(io::ErrorKind::ConnectionAborted.into());
+    }
+    Ok(())
 }
 
 /// Completes once the tunnel has been cut after `cuts` cuts; never if the tunnel goes away.

@@ -137,6 +137,69 @@ fn delay_adds_latency_in_each_direction() {
 }
 
 #[test]
+fn drop_replies_delivers_requests_and_loses_their_answers() {
+    // An echo upstream that also reports what it received.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen_tx, seen) = mpsc::channel::<Vec<u8>>();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let tx = seen_tx.clone();
+            thread::spawn(move || {
+                let mut buf = [0; 64];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                    let _ = s.write_all(&buf[..n]);
+                }
+            });
+        }
+    });
+    let tunnel = Tunnel::start(addr).unwrap();
+    let mut stream = connect(&tunnel);
+    round_trip(&mut stream, b"before").unwrap();
+    let wait = Duration::from_secs(5);
+    assert_eq!(seen.recv_timeout(wait).unwrap(), b"before");
+
+    tunnel.drop_replies();
+    assert_eq!(tunnel.mode(), TunnelMode::DropReplies);
+    stream.write_all(b"lost").unwrap();
+    assert_eq!(
+        seen.recv_timeout(wait).unwrap(),
+        b"lost",
+        "the request arrives"
+    );
+    stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let err = stream.read(&mut [0; 4]).unwrap_err();
+    assert!(is_timeout(&err), "the answer must be lost, got {err:?}");
+
+    tunnel.restore();
+    stream.set_read_timeout(Some(wait)).unwrap();
+    round_trip(&mut stream, b"after").unwrap();
+}
+
+#[test]
+fn throttle_limits_the_byte_rate() {
+    let tunnel = Tunnel::start(echo_server()).unwrap();
+    let mut stream = connect(&tunnel);
+    round_trip(&mut stream, b"ping").unwrap();
+    // 4 KB at 16 KB/s: a quarter of a second each way.
+    tunnel.throttle(16 * 1024);
+    let slow = round_trip(&mut stream, &[7; 4096]).unwrap();
+    assert!(
+        slow >= Duration::from_millis(450),
+        "throttled round trip {slow:?}"
+    );
+    tunnel.restore();
+    let fast = round_trip(&mut stream, &[7; 4096]).unwrap();
+    assert!(fast < Duration::from_millis(200), "after restore {fast:?}");
+}
+
+#[test]
 fn blackhole_holds_traffic_but_keeps_connections_open() {
     let tunnel = Tunnel::start(echo_server()).unwrap();
     let mut old = connect(&tunnel);

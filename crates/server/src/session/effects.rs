@@ -189,6 +189,18 @@ pub(super) fn sticky_pin(sql: &str) -> bool {
         || split(sql).iter().any(|s| first_word_is(s, "load"))
 }
 
+/// Whether the one statement `sql` is data manipulation that behaves the
+/// same inside a block: INSERT, UPDATE, DELETE, MERGE, or WITH / SELECT (a
+/// data-modifying CTE, a function that writes). Anything else (VACUUM,
+/// CREATE DATABASE, CREATE INDEX CONCURRENTLY, …) may refuse to run in a
+/// block, so the proxy never wraps it in one.
+pub(super) fn wrappable_write(sql: &str) -> bool {
+    const DML: &[&str] = &["insert", "update", "delete", "merge", "with", "select"];
+    Lexer::new(sql)
+        .find(|t| t.kind != pgsplit_router::lexer::TokenKind::LParen)
+        .is_some_and(|t| DML.iter().any(|k| t.is_keyword(k)))
+}
+
 /// Whether `sql` runs a COPY (in any of its statements).
 pub(super) fn has_copy(sql: &str) -> bool {
     let first_is_copy = |s: &str| Lexer::new(s).next().is_some_and(|t| t.is_keyword("copy"));
@@ -229,6 +241,30 @@ mod tests {
     fn fx(sql: &str) -> Effects {
         let class = Classifier::new(ClassifierConfig::default()).classify(sql);
         of_query(sql, &class)
+    }
+
+    #[test]
+    fn only_dml_is_wrapped_in_a_block() {
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            " /* c */ update t SET a = 1",
+            "(SELECT app.touch())",
+            "WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x",
+            "MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE",
+        ] {
+            assert!(wrappable_write(sql), "{sql}");
+        }
+        for sql in [
+            "VACUUM t",
+            "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "CREATE DATABASE d",
+            "ALTER SYSTEM SET work_mem = '1MB'",
+            "COPY t FROM STDIN",
+            "-- INSERT\nREINDEX TABLE CONCURRENTLY t",
+            "",
+        ] {
+            assert!(!wrappable_write(sql), "{sql}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod effects;
 mod local;
 mod memo;
 mod relay;
+mod resolution;
 mod settings;
 pub mod statements;
 mod timers;
@@ -68,6 +69,13 @@ struct Pending {
     /// A COPY: nothing may be pipelined behind it (the server would take
     /// it for COPY data), so the WAL position is asked for afterwards.
     copy: bool,
+    /// An autocommit write the proxy runs as a one-statement block (see
+    /// `wrap`): its ReadyForQuery is not relayed, the closing COMMIT's is.
+    wrapped: bool,
+    /// The COMMIT or ROLLBACK the proxy sends to end a wrapped write: owed
+    /// to the client, but only its ErrorResponse and ReadyForQuery are
+    /// relayed.
+    quiet: bool,
 }
 
 impl Pending {
@@ -89,6 +97,24 @@ impl Pending {
             copy,
             single: class.statements <= 1,
             retryable,
+            wrapped: false,
+            quiet: false,
+        }
+    }
+
+    /// A query of the proxy's own, answered to nobody.
+    fn own(seq: u64) -> Pending {
+        Pending {
+            seq,
+            extended: false,
+            commits: false,
+            writes: false,
+            own: true,
+            copy: false,
+            single: false,
+            retryable: false,
+            wrapped: false,
+            quiet: false,
         }
     }
 }
@@ -151,6 +177,14 @@ pub(crate) struct Backend {
     resolving: bool,
     /// The timeouts that apply to this connection's target.
     timeouts: crate::config::Effective,
+    /// The id of the transaction open on this connection, once known
+    /// (asked for behind its first write): what a lost COMMIT is
+    /// resolved by.
+    xid: Option<u64>,
+    /// What the client gets if the extended-protocol COMMIT batch in flight
+    /// (by its cycle number) commits: answered by the proxy when the answer
+    /// itself is lost and the commit is resolved.
+    commit_answer: Option<(u64, Bytes)>,
     opened: Instant,
     last_used: Instant,
 }
@@ -161,6 +195,8 @@ impl Backend {
         Backend {
             deadline: None,
             resolving: false,
+            xid: None,
+            commit_answer: None,
             timeouts,
             opened: now,
             last_used: now,
@@ -304,6 +340,9 @@ pub(crate) struct Session {
     retry_meta: Vec<Meta>,
     cancel: CancelHandle,
     replica_retry_at: Option<Instant>,
+    /// A lost commit whose outcome is being learned: output after its
+    /// place waits for it.
+    resolution: Option<resolution::Resolution>,
     shutdown: CancellationToken,
 }
 
@@ -319,8 +358,15 @@ const PIN_PROBE: &str = "SELECT (SELECT count(*) FROM pg_listening_channels()) \
 /// A Sync message of the proxy's own.
 const SYNC: &[u8] = b"S\0\0\0\x04";
 
-/// The proxy's own query after a write in `lsn` mode (a Query message).
-const LSN_QUERY: &[u8] = b"Q\0\0\0\x2dSELECT pg_current_wal_insert_lsn()::text\0";
+/// The proxy's own query after a write (a Query message): the WAL insert
+/// position (for read-your-writes in `lsn` mode) and the id of the
+/// transaction still open, if it has one (to resolve a lost COMMIT).
+const OWN_QUERY: &[u8] = b"Q\0\0\0\x55SELECT pg_current_wal_insert_lsn()::text, pg_current_xact_id_if_assigned()::text\0";
+
+/// The proxy's own statements around a wrapped autocommit write.
+const BEGIN_QUERY: &[u8] = b"Q\0\0\0\x0aBEGIN\0";
+const COMMIT_QUERY: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+const ROLLBACK_QUERY: &[u8] = b"Q\0\0\0\x0dROLLBACK\0";
 
 /// COPY data is written to the server at least this often.
 const COPY_FLUSH_BYTES: usize = 256 * 1024;
@@ -408,6 +454,7 @@ impl Session {
             reported_lag: None,
             cancel,
             replica_retry_at: None,
+            resolution: None,
             shutdown,
         }
     }
@@ -760,14 +807,8 @@ impl Session {
             return Ok(());
         };
         b.pending.push_back(Pending {
-            seq: self.seq,
             extended: true,
-            commits: false,
-            writes: false,
-            own: true,
-            copy: false,
-            single: false,
-            retryable: false,
+            ..Pending::own(self.seq)
         });
         self.send_raw(Target::Replica, &[Bytes::from_static(SYNC)])
             .await
@@ -801,7 +842,7 @@ impl Session {
         }
         let seq = self.seq;
         let mut out = Vec::new();
-        self.push_lsn_query(t, seq, &mut out);
+        self.push_own_query(t, seq, &mut out, true, false);
         self.send_raw(t, &out).await
     }
 
@@ -837,27 +878,39 @@ impl Session {
             }
     }
 
-    /// After a cycle that may commit a write, in `lsn` mode: the proxy's
-    /// own query for the WAL insert position, pipelined behind it on the
-    /// same connection (no extra round trip; its replies are consumed).
+    /// Whether the id of the primary's open transaction is worth asking
+    /// for behind a cycle of `class`: it may write inside a block (or open
+    /// one and write), and the id is not known yet.
+    fn wants_xid(&self, class: &Class, t: Target) -> bool {
+        use crate::config::CommitResolution;
+        t == Target::Primary
+            && self.shared.config.timeouts.commit_resolution != CommitResolution::Off
+            && matches!(
+                class.kind,
+                StmtKind::Write | StmtKind::Pin | StmtKind::Unknown
+            )
+            && (self.txn == Some(t) || class.statements > 1)
+            && self.backends[idx(t)]
+                .as_ref()
+                .is_some_and(|b| b.xid.is_none())
+    }
+
+    /// Behind a cycle sent to `t`, when its answer is needed: the proxy's
+    /// own query, pipelined on the same connection (no extra round trip;
+    /// its replies are consumed). It asks for the WAL insert position
+    /// after a write that may have committed (`lsn`, used in `lsn` mode;
     /// `pg_current_wal_insert_lsn()` is at or after the commit record even
-    /// with `synchronous_commit = off`.
-    fn push_lsn_query(&mut self, t: Target, seq: u64, out: &mut Vec<Bytes>) {
-        if self.vars.read_your_writes != ReadYourWrites::Lsn && self.vars.min_lsn == 0 {
+    /// with `synchronous_commit = off`) and for the id of the transaction
+    /// left open (`xid`), which resolves a COMMIT whose answer is lost.
+    fn push_own_query(&mut self, t: Target, seq: u64, out: &mut Vec<Bytes>, lsn: bool, xid: bool) {
+        let lsn =
+            lsn && (self.vars.read_your_writes == ReadYourWrites::Lsn || self.vars.min_lsn != 0);
+        if !lsn && !xid {
             return;
         }
         let b = self.backends[idx(t)].as_mut().expect("ensured");
-        b.pending.push_back(Pending {
-            seq,
-            extended: false,
-            commits: false,
-            writes: false,
-            own: true,
-            copy: false,
-            single: false,
-            retryable: false,
-        });
-        out.push(Bytes::from_static(LSN_QUERY));
+        b.pending.push_back(Pending::own(seq));
+        out.push(Bytes::from_static(OWN_QUERY));
         // A simple query ends the unnamed statement on the server.
         self.stmts.mark_off("", t);
     }
@@ -953,10 +1006,23 @@ impl Session {
         if retryable {
             self.retry = Some(Retry::Query(f.raw().clone()));
         }
+        let wrap = writes
+            && !copy
+            && class.statements == 1
+            && self.wraps(class.kind, target)
+            && effects::wrappable_write(sql);
+        let mut outgoing = std::mem::take(&mut self.outgoing);
+        if wrap {
+            self.push_begin(target, seq, &mut outgoing);
+        }
         // Recorded before the write, so a failed write answers this query.
         let b = self.client_cycle(
             target,
-            Pending::client(seq, false, &class, writes, copy, retryable),
+            Pending {
+                wrapped: wrap,
+                writes: writes && !wrap,
+                ..Pending::client(seq, false, &class, writes, copy, retryable)
+            },
         );
         b.sets_in_flight.extend(fx.sets);
         b.resets_in_flight.extend(fx.resets);
@@ -975,14 +1041,84 @@ impl Session {
                 extended: false,
             });
         }
-        let mut outgoing = std::mem::take(&mut self.outgoing);
+        let xid = wrap || (self.wants_xid(&class, target) && !effects::has_copy(sql));
         outgoing.push(f.into_bytes());
-        if writes && !copy {
-            self.push_lsn_query(target, seq, &mut outgoing);
+        if (writes && !copy) || xid {
+            self.push_own_query(target, seq, &mut outgoing, writes && !wrap, xid);
         }
         let res = self.send_raw(target, &outgoing).await;
         outgoing.clear();
         self.outgoing = outgoing;
+        res?;
+        if wrap {
+            self.finish_wrap(target, seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether an autocommit write of `class` to `t` runs as a block of one
+    /// statement, so that its transaction id is known before its commit
+    /// (`commit_resolution = "all"`): BEGIN, the write and the id go in one
+    /// round trip, COMMIT in a second.
+    /// (A batch counts its statements per message; the caller checks it
+    /// runs one.)
+    fn wraps(&self, kind: StmtKind, t: Target) -> bool {
+        use crate::config::CommitResolution;
+        t == Target::Primary
+            && self.shared.config.timeouts.commit_resolution == CommitResolution::All
+            && kind == StmtKind::Write
+            && self.txn.is_none()
+            && self.bound.is_none()
+    }
+
+    /// Opens the block a wrapped write runs in. (Its cycle number is the
+    /// one before the write's, so its ReadyForQuery undoes nothing of the
+    /// write's bookkeeping.)
+    fn push_begin(&mut self, t: Target, seq: u64, out: &mut Vec<Bytes>) {
+        let b = self.backends[idx(t)].as_mut().expect("ensured");
+        b.pending.push_back(Pending::own(seq - 1));
+        out.push(Bytes::from_static(BEGIN_QUERY));
+        self.stmts.mark_off("", t);
+    }
+
+    /// Once a wrapped write has answered (its transaction id asked for
+    /// behind it): the proxy's COMMIT, or ROLLBACK if it failed. The
+    /// client's ReadyForQuery is that statement's, and a lost COMMIT is
+    /// resolved by the id.
+    async fn finish_wrap(&mut self, t: Target, seq: u64) -> Result<(), Error> {
+        self.drain(t).await?;
+        let Some(b) = self.backends[idx(t)].as_mut() else {
+            return Ok(()); // lost: already answered
+        };
+        let commit = match b.status {
+            TxStatus::InBlock => true,
+            TxStatus::Failed => false,
+            TxStatus::Idle => {
+                self.push_ready();
+                return Ok(());
+            }
+        };
+        // Without a transaction id the write changed nothing: losing the
+        // COMMIT's answer then loses nothing either.
+        let wrote = commit && b.xid.is_some();
+        b.pending.push_back(Pending {
+            own: false,
+            quiet: true,
+            commits: commit,
+            writes: wrote,
+            single: true,
+            ..Pending::own(seq)
+        });
+        let mut out = std::mem::take(&mut self.outgoing);
+        out.push(Bytes::from_static(if commit {
+            COMMIT_QUERY
+        } else {
+            ROLLBACK_QUERY
+        }));
+        self.push_own_query(t, seq, &mut out, wrote, false);
+        let res = self.send_raw(t, &out).await;
+        out.clear();
+        self.outgoing = out;
         res
     }
 
@@ -1179,19 +1315,15 @@ impl Session {
         let seq = self.seq;
         let b = self.backends[idx(target)].as_mut().expect("ensured");
         b.pending.push_back(Pending {
-            seq,
-            extended: false,
-            commits: false,
             writes: true,
             own: false,
-            copy: false,
             single: true,
-            retryable: false,
+            ..Pending::own(seq)
         });
         self.cancel.set_active(Some(idx(target)));
         self.stmts.mark_off("", target);
         let mut out = vec![raw];
-        self.push_lsn_query(target, seq, &mut out);
+        self.push_own_query(target, seq, &mut out, true, false);
         self.send_raw(target, &out).await
     }
 
@@ -1320,6 +1452,13 @@ impl Session {
         self.seq += 1;
         let seq = self.seq;
         let mut outgoing = std::mem::take(&mut self.outgoing);
+        let wrap = synced
+            && self.commits_write(class.kind, target)
+            && self.wraps(class.kind, target)
+            && self.batch_wrappable();
+        if wrap {
+            self.push_begin(target, seq, &mut outgoing);
+        }
         {
             let b = self.backends[idx(target)].as_mut().expect("ensured");
             for (f, m) in self.batch.frames.iter().zip(&self.batch.meta) {
@@ -1413,12 +1552,31 @@ impl Session {
                 self.retry_meta.clone_from(&self.batch.meta);
                 self.retry = Some(Retry::Batch);
             }
-            self.client_cycle(
+            let executes = self
+                .batch
+                .frames
+                .iter()
+                .filter(|f| f.tag() == tag::frontend::EXECUTE)
+                .count();
+            // Should its answer be lost and the commit be resolved.
+            let answer = (class.kind == StmtKind::Commit && executes > 0)
+                .then(|| resolution::extended_commit_answer(&self.batch.frames));
+            let b = self.client_cycle(
                 target,
-                Pending::client(seq, true, &class, writes, copy, retryable),
+                Pending {
+                    wrapped: wrap,
+                    writes: writes && !wrap,
+                    // Statements are counted per message that names them.
+                    single: executes <= 1,
+                    ..Pending::client(seq, true, &class, writes, copy, retryable)
+                },
             );
-            if writes && !copy {
-                self.push_lsn_query(target, seq, &mut outgoing);
+            if let Some(answer) = answer.filter(|_| b.xid.is_some()) {
+                b.commit_answer = Some((seq, answer));
+            }
+            let xid = wrap || (self.wants_xid(&class, target) && !self.batch_has_copy());
+            if (writes && !copy) || xid {
+                self.push_own_query(target, seq, &mut outgoing, writes && !wrap, xid);
             }
         }
         self.batch.clear();
@@ -1427,7 +1585,64 @@ impl Session {
         let res = self.send_raw(target, &outgoing).await;
         outgoing.clear();
         self.outgoing = outgoing;
-        res
+        res?;
+        if wrap {
+            self.finish_wrap(target, seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the batch being dispatched is one statement, executed once,
+    /// that may run inside a block (see `effects::wrappable_write`).
+    fn batch_wrappable(&self) -> bool {
+        let frames = &self.batch.frames;
+        let executes = frames
+            .iter()
+            .filter(|f| f.tag() == tag::frontend::EXECUTE)
+            .count();
+        let syncs = frames
+            .iter()
+            .filter(|f| f.tag() == tag::frontend::SYNC)
+            .count();
+        if executes != 1 || syncs != 1 || frames.last().map(Frame::tag) != Some(tag::frontend::SYNC)
+        {
+            return false;
+        }
+        if frames
+            .iter()
+            .any(|f| f.tag() == tag::frontend::FUNCTION_CALL)
+        {
+            return false;
+        }
+        let Some(bind) = frames.iter().find(|f| f.tag() == tag::frontend::BIND) else {
+            return false;
+        };
+        let Ok(bind) = Bind::parse(bind.body()) else {
+            return false;
+        };
+        // The statement bound: parsed in this batch (the last Parse of that
+        // name), or earlier.
+        let parsed = frames
+            .iter()
+            .rev()
+            .filter(|f| f.tag() == tag::frontend::PARSE)
+            .find_map(|f| {
+                Parse::parse(f.body())
+                    .ok()
+                    .filter(|p| p.name == bind.statement)
+            })
+            .map(|p| p.sql);
+        let sql = match parsed {
+            Some(sql) => sql,
+            None => match self.stmts.get(bind.statement) {
+                Some(s) => match Parse::parse(&s.parse[frame::HEADER_BYTES..]) {
+                    Ok(p) => return effects::wrappable_write(p.sql),
+                    Err(_) => return false,
+                },
+                None => return false,
+            },
+        };
+        effects::wrappable_write(sql)
     }
 
     /// Makes sure a connection to `t` is open and alive. With `fallback`,
@@ -1736,6 +1951,9 @@ impl Session {
     }
 
     async fn flush_client(&mut self) -> Result<(), Error> {
+        if let Some(r) = self.resolution.take() {
+            self.settle_resolution(r).await?;
+        }
         if self.out.is_empty() {
             return Ok(());
         }
@@ -1807,14 +2025,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_lsn_query_is_one_well_formed_query_message() {
-        let mut b = BytesMut::from(LSN_QUERY);
+    fn the_own_query_is_one_well_formed_query_message() {
+        let mut b = BytesMut::from(OWN_QUERY);
         let f = frame::decode(&mut b, 1 << 16).unwrap().unwrap();
         assert!(b.is_empty());
         assert_eq!(f.tag(), tag::frontend::QUERY);
         assert_eq!(
             frontend::query(f.body()).unwrap(),
-            "SELECT pg_current_wal_insert_lsn()::text"
+            "SELECT pg_current_wal_insert_lsn()::text, pg_current_xact_id_if_assigned()::text"
         );
     }
 }

@@ -12,6 +12,9 @@ use pgsplit_protocol::{encode, frame, tag};
 use pgsplit_router::Target;
 use tracing::{debug, warn};
 
+use bytes::Bytes;
+
+use super::resolution::{self, Resolution};
 use super::statements::idx;
 use super::{CopyIn, Expect, Reset, Session};
 use crate::error::Error;
@@ -105,8 +108,15 @@ impl Session {
                     _ => b.hold = false,
                 }
             }
-            if b.pending.front().is_some_and(|p| p.own) {
-                // The proxy's own query: consumed here, never relayed.
+            if let Some(quiet) = b
+                .pending
+                .front()
+                .filter(|p| p.own || p.quiet)
+                .map(|p| p.quiet)
+            {
+                // The proxy's own query: consumed here, never relayed. Of
+                // the COMMIT ending a wrapped write, only an error and the
+                // ReadyForQuery are the client's.
                 if avail < len {
                     break;
                 }
@@ -115,15 +125,25 @@ impl Session {
                 let f = b.conn.rbuf.split_to(len);
                 let body = &f[frame::HEADER_BYTES..];
                 match tag {
-                    bt::DATA_ROW => {
-                        if let Some(lsn) = first_text(body).and_then(parse_lsn) {
+                    bt::DATA_ROW if !quiet => {
+                        if let Some(lsn) = column_text(body, 0).and_then(parse_lsn) {
                             if !self.ignore_lsn {
                                 self.write_lsn = self.write_lsn.max(lsn);
                             }
                         }
+                        if let Some(xid) = column_text(body, 1).and_then(|x| x.parse().ok()) {
+                            b.xid = Some(xid);
+                        }
+                    }
+                    bt::ERROR_RESPONSE if quiet => {
+                        b.errored = true;
+                        self.out.push_back(f.freeze());
                     }
                     bt::READY_FOR_QUERY => {
                         let status = msg::ready_for_query(body)?;
+                        if quiet {
+                            self.out.push_back(f.freeze());
+                        }
                         self.on_ready(t, status);
                     }
                     _ => {}
@@ -149,7 +169,14 @@ impl Session {
             match tag {
                 bt::READY_FOR_QUERY => {
                     let status = msg::ready_for_query(&b.conn.rbuf[body_at..run + len])?;
-                    run += len;
+                    if b.pending.front().is_some_and(|p| p.wrapped) {
+                        // Not the end of the client's cycle yet: the
+                        // proxy's COMMIT is, and its ReadyForQuery goes out.
+                        self.flush_run(t, &mut run);
+                        self.skip(t, len);
+                    } else {
+                        run += len;
+                    }
                     self.on_ready(t, status);
                 }
                 bt::PARSE_COMPLETE | bt::CLOSE_COMPLETE => {
@@ -316,9 +343,21 @@ impl Session {
             }
         }
         let b = self.backends[idx(t)].as_mut().expect("exists");
+        if done.is_some_and(|p| p.wrapped || (p.own && status != TxStatus::Idle)) {
+            // Inside a write the proxy wrapped in a block of its own (or its
+            // own query in the client's block): the client's view of the
+            // block does not change.
+            b.status = status;
+            b.errored = false;
+            self.rearm(t);
+            return;
+        }
         let was_in_block = b.status == TxStatus::InBlock;
         let commits = done.is_some_and(|p| p.commits);
         b.status = status;
+        if status == TxStatus::Idle {
+            b.xid = None;
+        }
         let ok = !b.errored;
         b.errored = false;
         let mut sets = std::mem::take(&mut b.sets_in_flight);
@@ -380,6 +419,34 @@ impl Session {
         }
     }
 
+    /// If the first cycle `b` owes the client is a COMMIT (or the end of
+    /// a wrapped write) whose transaction id is known, the answer it gets
+    /// should it have committed.
+    fn resolvable(&self, b: &super::Backend) -> Option<Bytes> {
+        use crate::config::CommitResolution;
+        if self.shared.config.timeouts.commit_resolution == CommitResolution::Off
+            || self.resolution.is_some()
+            || b.dead
+        {
+            return None;
+        }
+        b.xid?;
+        let p = b.pending.iter().find(|p| !p.own)?;
+        if !p.writes || !(p.commits || p.quiet) || !p.single {
+            return None;
+        }
+        if p.quiet {
+            Some(Bytes::new())
+        } else if p.extended {
+            b.commit_answer
+                .as_ref()
+                .filter(|(seq, _)| *seq == p.seq)
+                .map(|(_, a)| a.clone())
+        } else {
+            Some(resolution::simple_commit_answer())
+        }
+    }
+
     /// `t` died (EOF, I/O error, FATAL). Everything the client still waits
     /// for from it is answered with an error, and the session goes on.
     pub(super) fn backend_lost(&mut self, t: Target) -> Result<(), Error> {
@@ -428,10 +495,30 @@ impl Session {
             Error::BackendLost { target: t }
         };
         let mut reported = b.dead;
-        for _ in b.pending.iter().filter(|p| !p.own) {
+        let mut resolvable = self.resolvable(&b);
+        for p in b.pending.iter().filter(|p| !p.own) {
+            if let Some(success) = resolvable.take() {
+                // Its outcome is learned before the client is answered.
+                self.resolution = Some(Resolution {
+                    at: self.out.len(),
+                    xid: b.xid.expect("resolvable"),
+                    pid: b.conn.pid,
+                    success,
+                    started: std::time::Instant::now(),
+                });
+                first = None;
+                continue;
+            }
+            if p.quiet && !p.writes {
+                // Ending a wrapped write that failed or wrote nothing:
+                // the client already has its answer but the end.
+                self.push_ready();
+                continue;
+            }
             if !reported {
                 match first.take() {
                     Some(e) => self.push_error(&e),
+                    None if p.wrapped => self.push_error(&Error::WriteRolledBack),
                     None => self.push_error(&err),
                 }
             }
@@ -462,9 +549,14 @@ impl Session {
     }
 }
 
-/// The first column of a DataRow body, as text.
-fn first_text(body: &[u8]) -> Option<&str> {
-    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+/// Column `n` of a DataRow body, as text (`None` for NULL or a short row).
+fn column_text(body: &[u8], n: usize) -> Option<&str> {
+    let mut at = 2;
+    for _ in 0..n {
+        let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
+        at += 4 + usize::try_from(len).unwrap_or(0);
+    }
+    let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
     let len = usize::try_from(len).ok()?;
-    std::str::from_utf8(body.get(6..6 + len)?).ok()
+    std::str::from_utf8(body.get(at + 4..at + 4 + len)?).ok()
 }
