@@ -207,11 +207,13 @@ async fn a_lost_commit_that_cannot_be_resolved_is_08007() {
     }
 }
 
-/// An autocommit write runs as a block of one statement, so its commit
-/// is resolved too: committed, aborted at commit, and unresolvable.
+/// With `commit_resolution = "all"` an autocommit write runs as a block of
+/// one statement, so its commit is resolved too: committed, aborted at
+/// commit, and unresolvable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_autocommit_write_gets_its_true_outcome() {
     let s = stack_set(&[
+        "timeouts.commit_resolution=all",
         "timeouts.commit_resolution_timeout=3s",
         "timeouts.connect_timeout=1s",
         "monitor.heartbeat_timeout=30s",
@@ -263,7 +265,11 @@ async fn a_lost_autocommit_write_gets_its_true_outcome() {
 /// the client is told so (`08006`, rolled back), at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_autocommit_write_lost_before_its_commit_is_rolled_back() {
-    let s = cut_stack();
+    let s = stack_set(&[
+        "timeouts.commit_resolution=all",
+        "timeouts.connect_timeout=1s",
+        "monitor.heartbeat_timeout=30s",
+    ]);
     let mut raw = Raw::login(&s).await;
     for p in PROTOCOLS {
         let table = format!("ab_{p:?}").to_lowercase();

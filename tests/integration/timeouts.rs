@@ -123,12 +123,12 @@ async fn a_slow_autocommit_write_gets_its_true_outcome() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_into_a_black_hole_is_unknown_not_failed() {
-    // Autocommit writes run as they are (not as one-statement blocks), so
-    // the proxy cannot know whether a write that went out committed.
+    // Autocommit writes run as they are (by default, not as one-statement
+    // blocks), so the proxy cannot know whether a write that went out
+    // committed.
     let s = stack_set(&[
         "timeouts.statement_timeout=300ms",
         "timeouts.commit_resolution_timeout=500ms",
-        "timeouts.commit_resolution=blocks",
         "monitor.heartbeat_timeout=10s",
     ]);
     let c = client(&s).await;
@@ -155,10 +155,12 @@ async fn a_write_into_a_black_hole_is_unknown_not_failed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrapped_write_into_a_black_hole_times_out_and_never_commits() {
-    // By default an autocommit write runs as a one-statement block whose
-    // COMMIT the proxy sends only after the write answered: a write stuck
-    // before that point can be cancelled for sure (57014 at the deadline).
+    // With commit_resolution = "all" an autocommit write runs as a
+    // one-statement block whose COMMIT the proxy sends only after the write
+    // answered: a write stuck before that point can be cancelled for sure
+    // (57014 at the deadline).
     let s = stack_set(&[
+        "timeouts.commit_resolution=all",
         "timeouts.statement_timeout=300ms",
         "monitor.heartbeat_timeout=10s",
     ]);
