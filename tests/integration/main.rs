@@ -8,6 +8,7 @@
 
 mod admin;
 mod auth;
+mod chaos;
 mod common;
 mod consistency;
 mod docs;

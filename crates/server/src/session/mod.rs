@@ -1538,7 +1538,19 @@ impl Session {
             self.cancel.set_active(Some(idx(target)));
         }
         if synced {
-            let writes = self.commits_write(class.kind, target);
+            let executes = self
+                .batch
+                .frames
+                .iter()
+                .filter(|f| {
+                    matches!(
+                        f.tag(),
+                        tag::frontend::EXECUTE | tag::frontend::FUNCTION_CALL
+                    )
+                })
+                .count();
+            // A batch that only prepares or describes runs nothing.
+            let writes = self.commits_write(class.kind, target) && executes > 0;
             let copy = writes && self.batch_has_copy();
             // A read outside a block may be refused by the replica as a
             // write (25006): keep the batch to run it again on the primary.
@@ -1552,12 +1564,6 @@ impl Session {
                 self.retry_meta.clone_from(&self.batch.meta);
                 self.retry = Some(Retry::Batch);
             }
-            let executes = self
-                .batch
-                .frames
-                .iter()
-                .filter(|f| f.tag() == tag::frontend::EXECUTE)
-                .count();
             // Should its answer be lost and the commit be resolved.
             let answer = (class.kind == StmtKind::Commit && executes > 0)
                 .then(|| resolution::extended_commit_answer(&self.batch.frames));
@@ -1904,7 +1910,23 @@ impl Session {
         let ends = matches!(kind, StmtKind::Rollback | StmtKind::Commit);
         // A block lost while the client was idle is explained to the next
         // statement; after that, 25P02 as a server says.
-        let failed = match self.block_lost_unreported.take() {
+        let unreported = self.block_lost_unreported.take();
+        if let (Some(t), StmtKind::Commit) = (unreported, kind) {
+            // A COMMIT must not look like success (a server's "ROLLBACK"
+            // tag for a failed block is read as success by most drivers)
+            // when the client was never told its block failed.
+            self.virtual_failed = false;
+            self.push_error(&Error::BackendLostInBlock { target: t });
+            let ends_cycle = frames.is_none_or(|f| {
+                f.last()
+                    .is_some_and(|f| matches!(f.tag(), tag::frontend::SYNC))
+            });
+            if ends_cycle {
+                self.push_ready();
+            }
+            return;
+        }
+        let failed = match unreported {
             Some(t) if !ends => Error::BackendLostInBlock { target: t },
             _ => Error::InFailedBlock,
         };
