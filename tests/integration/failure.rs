@@ -276,6 +276,20 @@ async fn a_lost_block_is_answered_by_the_proxy_in_every_protocol() {
         tokio::task::block_in_place(|| s.cluster().psql(Which::Primary, "SELECT count(*) FROM lb"))
             .unwrap();
     assert_eq!(n.trim(), "0", "nothing of either block committed");
+    // A driver that prepares its ROLLBACK (Describe of the statement wants
+    // ParameterDescription, then NoData) after a block it knows failed.
+    c.batch_execute("BEGIN; INSERT INTO lb VALUES (5)")
+        .await
+        .unwrap();
+    s.tunnel().cut();
+    let e = c
+        .execute("INSERT INTO lb VALUES (6)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "08006", "{e}");
+    c.execute("ROLLBACK", &[]).await.unwrap();
+    s.tunnel().restore();
+    c.execute("INSERT INTO lb VALUES (7)", &[]).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

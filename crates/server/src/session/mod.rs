@@ -76,6 +76,9 @@ struct Pending {
     /// to the client, but only its ErrorResponse and ReadyForQuery are
     /// relayed.
     quiet: bool,
+    /// It parses or runs a statement: an error for it reaches the
+    /// application. (Drivers drop the answer to a lone Close or Sync.)
+    runs: bool,
 }
 
 impl Pending {
@@ -99,6 +102,7 @@ impl Pending {
             retryable,
             wrapped: false,
             quiet: false,
+            runs: true,
         }
     }
 
@@ -115,6 +119,7 @@ impl Pending {
             retryable: false,
             wrapped: false,
             quiet: false,
+            runs: false,
         }
     }
 }
@@ -343,6 +348,13 @@ pub(crate) struct Session {
     /// A lost commit whose outcome is being learned: output after its
     /// place waits for it.
     resolution: Option<resolution::Resolution>,
+    /// The client's block was lost with its connection (not ended by a
+    /// timeout the client was told of): its COMMIT is an error, never the
+    /// "ROLLBACK" tag of a failed block.
+    commit_refused: Option<Target>,
+    /// A wrapped write has answered but for its ReadyForQuery, which the
+    /// proxy's COMMIT (not sent yet) will bring.
+    wrap_unended: bool,
     shutdown: CancellationToken,
 }
 
@@ -455,6 +467,8 @@ impl Session {
             cancel,
             replica_retry_at: None,
             resolution: None,
+            wrap_unended: false,
+            commit_refused: None,
             shutdown,
         }
     }
@@ -1087,8 +1101,16 @@ impl Session {
     /// resolved by the id.
     async fn finish_wrap(&mut self, t: Target, seq: u64) -> Result<(), Error> {
         self.drain(t).await?;
+        let unended = std::mem::take(&mut self.wrap_unended);
         let Some(b) = self.backends[idx(t)].as_mut() else {
-            return Ok(()); // lost: already answered
+            if unended {
+                // Lost after the write answered, before the proxy's COMMIT
+                // was sent: nothing of it committed.
+                self.push_error(&Error::WriteRolledBack);
+                self.push_ready();
+            }
+            // (Lost earlier: the write itself was answered with the error.)
+            return Ok(());
         };
         let commit = match b.status {
             TxStatus::InBlock => true,
@@ -1420,8 +1442,48 @@ impl Session {
             // writes can run.
             class.kind = StmtKind::Write;
         }
+        if self.virtual_failed && self.batch_only_closes() {
+            // Closing statements works in a failed block, as on a server;
+            // and it is not where the client learns its block was lost
+            // (drivers drop these answers).
+            self.drain_all().await?;
+            for (f, m) in self.batch.frames.iter().zip(&self.batch.meta) {
+                if let Meta::CloseStatement { start, end } = *m {
+                    let name = batch::text(f, start, end).to_owned();
+                    self.stmts.close_everywhere(&name);
+                }
+            }
+            let closes = self
+                .batch
+                .frames
+                .iter()
+                .filter(|f| f.tag() == tag::frontend::CLOSE)
+                .count();
+            for _ in 0..closes {
+                self.push_own(|b| encode::message(b, tag::backend::CLOSE_COMPLETE, |_| {}));
+            }
+            self.batch.clear();
+            if synced {
+                self.push_ready();
+            }
+            return Ok(());
+        }
         if self.virtual_failed {
             self.drain_all().await?;
+            if matches!(class.kind, StmtKind::Rollback | StmtKind::Commit) {
+                // A failed block still parses the statement that ends it
+                // (drivers prepare their ROLLBACK): it exists for the
+                // client, on no server yet.
+                for (f, m) in self.batch.frames.iter().zip(&self.batch.meta) {
+                    if let Meta::Parse {
+                        name_end, class, ..
+                    } = *m
+                    {
+                        let name = batch::text(f, 0, name_end);
+                        self.stmts.define_nowhere(name, f.raw().clone(), class);
+                    }
+                }
+            }
             let frames = std::mem::take(&mut self.batch.frames);
             self.batch.clear();
             self.answer_failed_block(class.kind, Some(&frames));
@@ -1574,6 +1636,12 @@ impl Session {
                     writes: writes && !wrap,
                     // Statements are counted per message that names them.
                     single: executes <= 1,
+                    runs: executes > 0
+                        || self
+                            .batch
+                            .frames
+                            .iter()
+                            .any(|f| f.tag() == tag::frontend::PARSE),
                     ..Pending::client(seq, true, &class, writes, copy, retryable)
                 },
             );
@@ -1596,6 +1664,16 @@ impl Session {
             self.finish_wrap(target, seq).await?;
         }
         Ok(())
+    }
+
+    /// Whether the batch being dispatched only closes statements or
+    /// portals (besides Sync/Flush).
+    fn batch_only_closes(&self) -> bool {
+        use tag::frontend as ft;
+        self.batch
+            .frames
+            .iter()
+            .all(|f| matches!(f.tag(), ft::CLOSE | ft::SYNC | ft::FLUSH))
     }
 
     /// Whether the batch being dispatched is one statement, executed once,
@@ -1680,6 +1758,7 @@ impl Session {
             if self.txn == Some(t) {
                 self.txn = None;
                 self.virtual_failed = true;
+                self.commit_refused = Some(t);
                 return Err(Error::BackendLostInBlock { target: t });
             }
         }
@@ -1911,11 +1990,15 @@ impl Session {
         // A block lost while the client was idle is explained to the next
         // statement; after that, 25P02 as a server says.
         let unreported = self.block_lost_unreported.take();
-        if let (Some(t), StmtKind::Commit) = (unreported, kind) {
+        let refused = unreported.or(self.commit_refused);
+        if let (Some(t), StmtKind::Commit) = (refused, kind) {
             // A COMMIT must not look like success (a server's "ROLLBACK"
             // tag for a failed block is read as success by most drivers)
-            // when the client was never told its block failed.
+            // unless the client surely saw its block fail: a lost
+            // connection may have been reported to a statement whose
+            // answer the driver had already taken as complete.
             self.virtual_failed = false;
+            self.commit_refused = None;
             self.push_error(&Error::BackendLostInBlock { target: t });
             let ends_cycle = frames.is_none_or(|f| {
                 f.last()
@@ -1933,6 +2016,7 @@ impl Session {
         let Some(frames) = frames else {
             if ends {
                 self.virtual_failed = false;
+                self.commit_refused = None;
                 self.push_own(|b| encode::command_complete(b, "ROLLBACK"));
             } else {
                 self.push_error(&failed);
@@ -1949,26 +2033,16 @@ impl Session {
             }
             return;
         }
-        // An extended-protocol ROLLBACK: answer each message as a server would.
-        for f in frames {
-            match f.tag() {
-                tag::frontend::PARSE => self.push_own(encode::parse_complete),
-                tag::frontend::BIND => {
-                    self.push_own(|b| encode::message(b, tag::backend::BIND_COMPLETE, |_| {}))
-                }
-                tag::frontend::DESCRIBE => {
-                    self.push_own(|b| encode::message(b, tag::backend::NO_DATA, |_| {}))
-                }
-                tag::frontend::EXECUTE => {
-                    self.virtual_failed = false;
-                    self.push_own(|b| encode::command_complete(b, "ROLLBACK"));
-                }
-                tag::frontend::CLOSE => {
-                    self.push_own(|b| encode::message(b, tag::backend::CLOSE_COMPLETE, |_| {}))
-                }
-                tag::frontend::SYNC => self.push_ready(),
-                _ => {}
-            }
+        // An extended-protocol ROLLBACK: answered message by message as a
+        // server would.
+        if frames.iter().any(|f| f.tag() == tag::frontend::EXECUTE) {
+            self.virtual_failed = false;
+            self.commit_refused = None;
+        }
+        self.out
+            .push_back(resolution::extended_answer(frames, "ROLLBACK"));
+        if frames.iter().any(|f| f.tag() == tag::frontend::SYNC) {
+            self.push_ready();
         }
     }
 

@@ -174,6 +174,7 @@ impl Session {
                         // proxy's COMMIT is, and its ReadyForQuery goes out.
                         self.flush_run(t, &mut run);
                         self.skip(t, len);
+                        self.wrap_unended = true;
                     } else {
                         run += len;
                     }
@@ -485,7 +486,12 @@ impl Session {
         }
         if in_block {
             self.virtual_failed = true;
-            if !b.pending.iter().any(|p| !p.own) && self.bound != Some(t) {
+            if !matches!(first, Some(Error::StatementTimeout)) {
+                self.commit_refused = Some(t);
+            }
+            // Told to no statement of the client's (nothing was running,
+            // or only a Close whose answer drivers drop): the next one is.
+            if !b.pending.iter().any(|p| !p.own && p.runs) && self.bound != Some(t) {
                 self.block_lost_unreported = Some(t);
             }
         }

@@ -72,6 +72,14 @@ impl Outcome {
 /// The answer a successful extended-protocol COMMIT batch gets, message by
 /// message, without its ReadyForQuery.
 pub(super) fn extended_commit_answer(frames: &[Frame]) -> Bytes {
+    extended_answer(frames, "COMMIT")
+}
+
+/// The answer a server gives a batch of one transaction-control statement
+/// (`COMMIT`, `ROLLBACK`: no parameters, no rows) that succeeds, message by
+/// message, without its ReadyForQuery. Describing a statement gets its
+/// (empty) ParameterDescription before NoData, as drivers expect.
+pub(super) fn extended_answer(frames: &[Frame], command: &str) -> Bytes {
     let mut b = BytesMut::new();
     for f in frames {
         match f.tag() {
@@ -85,7 +93,7 @@ pub(super) fn extended_commit_answer(frames: &[Frame]) -> Bytes {
                 }
                 encode::message(&mut b, tag::backend::NO_DATA, |_| {});
             }
-            tag::frontend::EXECUTE => encode::command_complete(&mut b, "COMMIT"),
+            tag::frontend::EXECUTE => encode::command_complete(&mut b, command),
             tag::frontend::CLOSE => encode::message(&mut b, tag::backend::CLOSE_COMPLETE, |_| {}),
             _ => {}
         }

@@ -73,6 +73,16 @@ impl Statements {
     pub fn define(&mut self, name: &str, parse: Bytes, class: Class, t: Target) {
         let mut on = [false; 2];
         on[idx(t)] = true;
+        self.define_on(name, parse, class, on);
+    }
+
+    /// A Parse the proxy answered itself (in a block lost with its
+    /// server): created on a backend when first needed there.
+    pub fn define_nowhere(&mut self, name: &str, parse: Bytes, class: Class) {
+        self.define_on(name, parse, class, [false; 2]);
+    }
+
+    fn define_on(&mut self, name: &str, parse: Bytes, class: Class, on: [bool; 2]) {
         match self.get_mut(name) {
             Some(s) => {
                 // Only the unnamed statement can be redefined; the other
