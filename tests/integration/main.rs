@@ -13,6 +13,7 @@ mod common;
 mod consistency;
 mod docs;
 mod failure;
+mod faults;
 mod pipeline;
 mod protocol;
 mod resolution;
