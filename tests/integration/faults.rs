@@ -108,7 +108,7 @@ async fn a_slow_tunnel_times_out_at_the_deadline_and_the_statement_is_cancelled(
         // Reads on the replica go on, promptly.
         let started = Instant::now();
         assert_eq!(
-            port_of(&c, "SELECT inet_server_port()").await,
+            port_of(c, "SELECT inet_server_port()").await,
             replica_port(&s)
         );
         assert!(started.elapsed() < Duration::from_millis(200));
