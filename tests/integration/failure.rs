@@ -41,8 +41,10 @@ async fn primary_stopped_reads_continue_and_writes_get_08001() {
             .unwrap()
             .message()
             .contains("reads continue"));
+        let took = start.elapsed();
+        println!("time-to-error: primary stopped, write -> 08001 in {took:?}");
         assert!(
-            start.elapsed() < Duration::from_secs(3),
+            took < Duration::from_secs(3),
             "within connect_timeout + 1 s"
         );
         // Extended protocol too, and the session stays usable.
@@ -79,6 +81,7 @@ async fn black_holed_tunnel_fails_writes_within_connect_timeout() {
         .unwrap_err();
     assert_eq!(code(&e), "08001");
     let took = start.elapsed();
+    println!("time-to-error: black-holed tunnel, new write -> 08001 in {took:?}");
     assert!(
         took >= Duration::from_millis(1900) && took < Duration::from_secs(3),
         "{took:?}"

@@ -141,6 +141,7 @@ async fn a_write_into_a_black_hole_is_unknown_not_failed() {
         .unwrap_err();
     assert_eq!(code(&e), "08007", "{e}");
     let took = started.elapsed();
+    println!("time-to-error: autocommit write into a black hole -> 08007 in {took:?}");
     assert!(
         took >= Duration::from_millis(700) && took < Duration::from_secs(3),
         "{took:?}"
@@ -174,6 +175,7 @@ async fn a_wrapped_write_into_a_black_hole_times_out_and_never_commits() {
         .unwrap_err();
     assert_eq!(code(&e), "57014", "{e}");
     let took = started.elapsed();
+    println!("time-to-error: wrapped write into a black hole -> 57014 in {took:?}");
     assert!(took < Duration::from_secs(2), "{took:?}");
     assert_eq!(
         port_of(&c, "SELECT inet_server_port()").await,
