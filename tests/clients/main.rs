@@ -35,6 +35,13 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// replica. (The read-your-writes modes have their own integration tests.)
 const READ_YOUR_WRITES_OFF: &str = "routing.read_your_writes=\"off\"";
 
+/// Every autocommit write runs as a one-statement block the proxy opens and
+/// commits (`commit_resolution = "all"`), so the drivers are checked
+/// against the proxy's most invasive relaying: the write's ReadyForQuery
+/// held back, its COMMIT's sent instead. (The default mode has its own
+/// integration tests.)
+const WRAPPED_WRITES: &str = "timeouts.commit_resolution=\"all\"";
+
 /// Lines of output kept for the failure message.
 const KEPT_LINES: usize = 400;
 
@@ -100,7 +107,7 @@ fn language(lang: &str) {
     }
 
     let stack = Stack::start(StackOptions {
-        set: vec![READ_YOUR_WRITES_OFF.to_owned()],
+        set: vec![READ_YOUR_WRITES_OFF.to_owned(), WRAPPED_WRITES.to_owned()],
         ..StackOptions::default()
     })
     .expect("lab stack starts");
