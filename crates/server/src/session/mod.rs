@@ -355,7 +355,10 @@ pub(crate) struct Session {
     /// A wrapped write has answered but for its ReadyForQuery, which the
     /// proxy's COMMIT (not sent yet) will bring.
     wrap_unended: bool,
-    shutdown: CancellationToken,
+    /// Completes when the proxy shuts down. Created once: waiting on it
+    /// again costs nothing, where a fresh `cancelled()` per wait would
+    /// register and unregister a waiter every time.
+    shutdown: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
 /// Counts what pins a session to its primary connection: channels it
@@ -469,7 +472,7 @@ impl Session {
             resolution: None,
             wrap_unended: false,
             commit_refused: None,
-            shutdown,
+            shutdown: Box::pin(shutdown.cancelled_owned()),
         }
     }
 
@@ -536,7 +539,7 @@ impl Session {
                 res = client.read_buf(cbuf) => Ev::Client(res),
                 what = sleep_until(timer), if timer.is_some() => Ev::Timer(what),
                 _ = link.changed(), if busy[0] => Ev::Link,
-                _ = shutdown.cancelled(), if idle => Ev::Shutdown,
+                _ = shutdown.as_mut(), if idle => Ev::Shutdown,
             };
             match ev {
                 Ev::Client(Ok(0)) => return Err(Error::ClientGone),
@@ -1621,9 +1624,8 @@ impl Session {
                     matches!(f.tag(), tag::frontend::CLOSE | tag::frontend::FUNCTION_CALL)
                 });
             if retryable {
-                // Kept in buffers reused from batch to batch: no allocation.
-                self.retry_frames.clone_from(&self.batch.frames);
-                self.retry_meta.clone_from(&self.batch.meta);
+                // Kept (below) by swapping buffers with the batch: no copy,
+                // no allocation.
                 self.retry = Some(Retry::Batch);
             }
             // Should its answer be lost and the commit be resolved.
@@ -1651,6 +1653,10 @@ impl Session {
             let xid = wrap || (self.wants_xid(&class, target) && !self.batch_has_copy());
             if (writes && !copy) || xid {
                 self.push_own_query(target, seq, &mut outgoing, writes && !wrap, xid);
+            }
+            if retryable {
+                std::mem::swap(&mut self.retry_frames, &mut self.batch.frames);
+                std::mem::swap(&mut self.retry_meta, &mut self.batch.meta);
             }
         }
         self.batch.clear();
@@ -2103,6 +2109,10 @@ async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
     s: &mut W,
     chunks: &[Bytes],
 ) -> std::io::Result<()> {
+    if let [one] = chunks {
+        // A plain `send`, cheaper in the kernel than `writev`.
+        return s.write_all(one).await;
+    }
     let mut todo = Chunks::new(chunks);
     while !todo.is_done() {
         let mut slices = vectored::slice_array();
