@@ -112,7 +112,8 @@ async fn a_slow_tunnel_times_out_at_the_deadline_and_the_statement_is_cancelled(
             port_of(c, "SELECT inet_server_port()").await,
             replica_port(&s)
         );
-        assert!(started.elapsed() < Duration::from_millis(200));
+        // (Bounded loosely: the suite runs tests side by side on 2 cores.)
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
     s.tunnel().restore();
     simple
@@ -166,7 +167,9 @@ async fn a_throttled_tunnel_does_not_pile_up_or_slow_the_reads() {
         worst = worst.max(t.elapsed());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(worst < Duration::from_millis(250), "a read took {worst:?}");
+    // Far below the pulls' time through the throttle (seconds), with room
+    // for a loaded machine.
+    assert!(worst < Duration::from_secs(1), "a read took {worst:?}");
     for p in pulls {
         let (code, _c) = tokio::time::timeout(Duration::from_secs(5), p)
             .await
@@ -174,7 +177,7 @@ async fn a_throttled_tunnel_does_not_pile_up_or_slow_the_reads() {
             .unwrap();
         assert_eq!(code, "57014");
     }
-    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(started.elapsed() < Duration::from_secs(5));
     s.tunnel().restore();
 }
 

@@ -83,6 +83,17 @@ async fn until_rows(s: &Stack, table: &str, n: i64) {
     }
 }
 
+/// Waits (bounded) until a COMMIT runs on the primary: the proxy has had
+/// the wrapped write's answer and sent its own COMMIT.
+async fn until_committing(s: &Stack) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sql = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = 'COMMIT'";
+    while on_primary(s, sql) != "1" {
+        assert!(Instant::now() < deadline, "no COMMIT ever ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A table whose commits are slow (a deferred trigger sleeps at COMMIT),
 /// so the test can lose the COMMIT's answer while the server is still
 /// committing. A negative value makes the commit fail instead.
@@ -91,7 +102,7 @@ async fn slow_commit_table(raw: &mut Raw, table: &str) {
         "CREATE TABLE {table} (x int);
          CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
-           PERFORM pg_sleep(0.8);
+           PERFORM pg_sleep(1.2);
            IF NEW.x < 0 THEN RAISE EXCEPTION 'refused at commit'; END IF;
            RETURN NULL;
          END $$;
@@ -231,7 +242,7 @@ async fn a_lost_autocommit_write_gets_its_true_outcome() {
 
         // Committed: the write's answer came back, the COMMIT's is lost.
         send(&mut raw, p, &format!("INSERT INTO {table} VALUES (1)")).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        until_committing(&s).await;
         s.tunnel().drop_replies();
         until_rows(&s, &table, 1).await;
         tokio::task::block_in_place(|| s.tunnel().cut());
@@ -243,9 +254,9 @@ async fn a_lost_autocommit_write_gets_its_true_outcome() {
 
         // Aborted: the commit fails on the server, its answer is lost.
         send(&mut raw, p, &format!("INSERT INTO {table} VALUES (-1)")).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        until_committing(&s).await;
         s.tunnel().drop_replies();
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         tokio::task::block_in_place(|| s.tunnel().cut());
         s.tunnel().restore();
         let r = raw.replies(1).await;
@@ -255,7 +266,7 @@ async fn a_lost_autocommit_write_gets_its_true_outcome() {
 
         // Unresolvable: the primary stays out of reach.
         send(&mut raw, p, &format!("INSERT INTO {table} VALUES (3)")).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        until_committing(&s).await;
         s.tunnel().drop_replies();
         until_rows(&s, &table, 2).await;
         tokio::task::block_in_place(|| s.tunnel().cut());
@@ -282,7 +293,15 @@ async fn an_autocommit_write_lost_before_its_commit_is_rolled_back() {
         ok(&mut raw, p, &format!("CREATE TABLE {table} (x int)")).await;
         s.tunnel().drop_replies();
         send(&mut raw, p, &format!("INSERT INTO {table} VALUES (1)")).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The write ran on the server, its block open: the proxy waits
+        // for the answers and has not sent COMMIT.
+        let open = "SELECT count(*) FROM pg_stat_activity \
+                    WHERE state = 'idle in transaction' AND backend_xid IS NOT NULL";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while on_primary(&s, open) != "1" {
+            assert!(Instant::now() < deadline, "the write never ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         tokio::task::block_in_place(|| s.tunnel().cut());
         s.tunnel().restore();
         let r = raw.replies(1).await;
