@@ -293,6 +293,40 @@ async fn the_heartbeat_answers_statements_stuck_in_a_black_hole() {
     })
     .unwrap();
     assert_eq!(rows.trim(), "4", "only what the client was told succeeded");
+
+    // The same in the extended protocol (the statement prepared before).
+    let insert = c.prepare("INSERT INTO hb VALUES ($1)").await.unwrap();
+    c.execute("BEGIN", &[]).await.unwrap();
+    c.execute(&insert, &[&5i32]).await.unwrap();
+    s.tunnel().blackhole();
+    let started = Instant::now();
+    let e = c.execute(&insert, &[&6i32]).await.unwrap_err();
+    assert_eq!(code(&e), "08006", "{e}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let e = c.query("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(code(&e), "25P02");
+    c.execute("ROLLBACK", &[]).await.unwrap();
+    let e = c.execute(&insert, &[&7i32]).await.unwrap_err();
+    assert_eq!(code(&e), "08001");
+    s.tunnel().restore();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = c.execute(&insert, &[&8i32]).await {
+        assert_eq!(code(&e), "08001");
+        assert!(Instant::now() < deadline, "writes did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = tokio::task::block_in_place(|| {
+        s.cluster().psql(
+            Which::Primary,
+            "SELECT string_agg(x::text, ',' ORDER BY x) FROM hb",
+        )
+    })
+    .unwrap();
+    assert_eq!(
+        rows.trim(),
+        "4,8",
+        "only what the client was told succeeded"
+    );
 }
 
 /// Resident memory of this process (the proxy runs inside it), in KiB.
