@@ -831,6 +831,22 @@ impl Session {
             .await
     }
 
+    /// A Parse/Describe sent ahead to the replica, never executed (asyncpg
+    /// prepares to learn a COPY's columns, then runs it): if what comes
+    /// next (`class`) needs the primary, it is ended there first.
+    async fn unbind_soft_for(&mut self, class: &Class) -> Result<(), Error> {
+        if self.bound_soft && self.bound == Some(Target::Replica) && self.txn.is_none() {
+            let unbound = SessionState {
+                bound: None,
+                ..self.state()
+            };
+            if route::route(class, &unbound).choice == Choice::Primary {
+                self.unbind_soft().await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the batch being dispatched runs a COPY (checked only for
     /// batches that write).
     fn batch_has_copy(&self) -> bool {
@@ -974,18 +990,7 @@ impl Session {
                 return Ok(());
             }
         }
-        if self.bound_soft && self.bound == Some(Target::Replica) && self.txn.is_none() {
-            // A Parse/Describe sent ahead to the replica, never executed
-            // (asyncpg prepares to learn a COPY's columns): a query that
-            // needs the primary ends it there.
-            let unbound = SessionState {
-                bound: None,
-                ..self.state()
-            };
-            if route::route(&class, &unbound).choice == Choice::Primary {
-                self.unbind_soft().await?;
-            }
-        }
+        self.unbind_soft_for(&class).await?;
         let fx = effects::of_query(sql, &class);
         if (self.pinned || class.kind == StmtKind::Pin) && effects::may_unpin(sql) {
             self.releasing = true;
@@ -1425,15 +1430,7 @@ impl Session {
                 .iter()
                 .all(|f| matches!(f.tag(), t::PARSE | t::DESCRIBE | t::FLUSH));
         let mut class = self.batch.class.unwrap_or(EMPTY);
-        if self.bound_soft && self.bound == Some(Target::Replica) && self.txn.is_none() {
-            let unbound = SessionState {
-                bound: None,
-                ..self.state()
-            };
-            if route::route(&class, &unbound).choice == Choice::Primary {
-                self.unbind_soft().await?;
-            }
-        }
+        self.unbind_soft_for(&class).await?;
         if !synced
             && !soft
             && self.bound.is_none()
