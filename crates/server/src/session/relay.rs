@@ -205,9 +205,21 @@ impl Session {
                             self.skip(t, len);
                             let b = self.backends[idx(t)].as_mut().expect("exists");
                             b.dead = true;
-                            self.push_own(|w| {
-                                encode::error_response(w, encode::Severity::Error, &code, &message)
-                            });
+                            // Told only to a statement waiting for this
+                            // server: one that ended while the client was
+                            // idle (a shutdown) is nobody's error, and an
+                            // unasked ErrorResponse breaks drivers.
+                            let owed = !b.pending.is_empty() || self.bound == Some(t);
+                            if owed {
+                                self.push_own(|w| {
+                                    encode::error_response(
+                                        w,
+                                        encode::Severity::Error,
+                                        &code,
+                                        &message,
+                                    )
+                                });
+                            }
                         }
                     }
                 }
