@@ -60,6 +60,15 @@ fn on_primary(s: &Stack, sql: &str) -> String {
         .to_owned()
 }
 
+/// Creates `table`, opens a block and writes a row in it; returns once the
+/// proxy knows the block's transaction id.
+async fn open_block_with_a_write(raw: &mut Raw, p: Proto, table: &str) {
+    ok(raw, p, &format!("CREATE TABLE {table} (x int)")).await;
+    ok(raw, p, "BEGIN").await;
+    ok(raw, p, &format!("INSERT INTO {table} VALUES (1)")).await;
+    settle(raw, p).await;
+}
+
 /// One more statement in the block: the proxy's own query, pipelined
 /// behind the write, has been answered once this one is (the test switches
 /// the tunnel's mode right after, faster than any real fault).
@@ -130,10 +139,7 @@ async fn a_lost_commit_that_committed_is_reported_committed() {
     let mut raw = Raw::login(&s).await;
     for p in PROTOCOLS {
         let table = format!("lc_{p:?}").to_lowercase();
-        ok(&mut raw, p, &format!("CREATE TABLE {table} (x int)")).await;
-        ok(&mut raw, p, "BEGIN").await;
-        ok(&mut raw, p, &format!("INSERT INTO {table} VALUES (1)")).await;
-        settle(&mut raw, p).await;
+        open_block_with_a_write(&mut raw, p, &table).await;
         s.tunnel().drop_replies();
         send(&mut raw, p, "COMMIT").await;
         until_rows(&s, &table, 1).await;
@@ -162,10 +168,7 @@ async fn a_lost_commit_that_aborted_is_reported_rolled_back() {
     let mut raw = Raw::login(&s).await;
     for p in PROTOCOLS {
         let table = format!("la_{p:?}").to_lowercase();
-        ok(&mut raw, p, &format!("CREATE TABLE {table} (x int)")).await;
-        ok(&mut raw, p, "BEGIN").await;
-        ok(&mut raw, p, &format!("INSERT INTO {table} VALUES (1)")).await;
-        settle(&mut raw, p).await;
+        open_block_with_a_write(&mut raw, p, &table).await;
         s.tunnel().blackhole();
         send(&mut raw, p, "COMMIT").await;
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -204,10 +207,7 @@ async fn a_lost_commit_that_cannot_be_resolved_is_08007() {
     let mut raw = Raw::login(&s).await;
     for p in PROTOCOLS {
         let table = format!("lu_{p:?}").to_lowercase();
-        ok(&mut raw, p, &format!("CREATE TABLE {table} (x int)")).await;
-        ok(&mut raw, p, "BEGIN").await;
-        ok(&mut raw, p, &format!("INSERT INTO {table} VALUES (1)")).await;
-        settle(&mut raw, p).await;
+        open_block_with_a_write(&mut raw, p, &table).await;
         s.tunnel().drop_replies();
         send(&mut raw, p, "COMMIT").await;
         until_rows(&s, &table, 1).await;
@@ -327,10 +327,7 @@ async fn a_commit_held_in_a_black_hole_that_commits_late_is_never_reported_rolle
     let mut raw = Raw::login(&s).await;
     for p in PROTOCOLS {
         let table = format!("bh_{p:?}").to_lowercase();
-        ok(&mut raw, p, &format!("CREATE TABLE {table} (x int)")).await;
-        ok(&mut raw, p, "BEGIN").await;
-        ok(&mut raw, p, &format!("INSERT INTO {table} VALUES (1)")).await;
-        settle(&mut raw, p).await;
+        open_block_with_a_write(&mut raw, p, &table).await;
         s.tunnel().blackhole();
         send(&mut raw, p, "COMMIT").await;
         // Past the heartbeat's bound: the proxy has given the link up.
