@@ -34,7 +34,9 @@ struct RunArgs {
     /// credentials are also what clients log in with).
     #[arg(long)]
     primary: Option<String>,
-    /// Replica as postgres://user:password@host:port/db.
+    /// Replica as postgres://user:password@host:port/db. As in libpq, a
+    /// host such as %2Fvar%2Frun%2Fpostgresql (or ?host=/dir) is a unix
+    /// socket directory.
     #[arg(long)]
     replica: Option<String>,
     /// Override any configuration key: --set timeouts.connect_timeout=2s

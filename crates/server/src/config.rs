@@ -507,6 +507,28 @@ impl Config {
     pub fn from_toml(text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
         let mut table: toml::Table =
             toml::from_str(text).map_err(|e| ConfigError::Parse(one_line(&e.to_string())))?;
+        let urls = [
+            ("primary", overrides.primary_url.as_deref(), "--primary"),
+            ("replica", overrides.replica_url.as_deref(), "--replica"),
+        ]
+        .map(|(section, u, flag)| (section, u.map(|u| parse_url(u, flag)).transpose()));
+        // A URL sets its section's address; a `--set` of a key names
+        // something more precise (a socket directory, say) and wins.
+        let mut url_users = Vec::new();
+        for (section, url) in urls {
+            let Some(url) = url? else { continue };
+            let t = table
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(t) = t {
+                t.insert("host".into(), toml::Value::String(url.addr.host));
+                t.insert(
+                    "port".into(),
+                    toml::Value::Integer(i64::from(url.addr.port)),
+                );
+            }
+            url_users.push((url.user, url.password));
+        }
         for kv in &overrides.set {
             apply_set(&mut table, kv)?;
         }
@@ -528,15 +550,8 @@ impl Config {
         if let Some(l) = overrides.listen {
             cfg.listen = l;
         }
-        if let Some(u) = &overrides.primary_url {
-            let url = parse_url(u, "--primary")?;
-            cfg.primary = url.addr;
-            cfg.add_url_user(url.user, url.password);
-        }
-        if let Some(u) = &overrides.replica_url {
-            let url = parse_url(u, "--replica")?;
-            cfg.replica = url.addr;
-            cfg.add_url_user(url.user, url.password);
+        for (user, password) in url_users {
+            cfg.add_url_user(user, password);
         }
         cfg.validate()
     }
@@ -721,15 +736,22 @@ fn parse_url(s: &str, which: &'static str) -> Result<BackendUrl, ConfigError> {
     if !matches!(url.scheme(), "postgres" | "postgresql") {
         return Err(bad("scheme must be postgres:// or postgresql://"));
     }
-    let host = url
-        .host_str()
-        .ok_or_else(|| bad("missing host"))?
-        .to_owned();
     let decode = |v: &str| {
         url::form_urlencoded::parse(format!("x={v}").as_bytes())
             .next()
             .map(|(_, v)| v.into_owned())
             .unwrap_or_default()
+    };
+    // As in libpq: a host that decodes to an absolute path, or a `host`
+    // parameter, names a unix socket directory.
+    let param = url
+        .query_pairs()
+        .find(|(k, _)| k == "host")
+        .map(|(_, v)| v.into_owned());
+    let host = match (param, url.host_str()) {
+        (Some(h), _) => h,
+        (None, Some(h)) => decode(h),
+        (None, None) => return Err(bad("missing host")),
     };
     let user = (!url.username().is_empty()).then(|| decode(url.username()));
     let password = url.password().map(decode);
@@ -823,6 +845,29 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::from_toml("", &bad).is_err());
+    }
+
+    #[test]
+    fn urls_name_socket_directories_and_set_keys_beat_them() {
+        let o = Overrides {
+            primary_url: Some("postgres://app:pw@10.0.0.1:5433/app?host=/run/pg".into()),
+            replica_url: Some("postgres://app:pw@%2Fvar%2Frun%2Fpostgresql:5499/app".into()),
+            ..Default::default()
+        };
+        let c = Config::from_toml("", &o).unwrap();
+        assert_eq!(c.primary.host, "/run/pg");
+        assert_eq!(c.primary.port, 5433);
+        assert_eq!(c.replica.host, "/var/run/postgresql");
+        assert_eq!(c.replica.port, 5499);
+        let o = Overrides {
+            replica_url: Some("postgres://app:pw@127.0.0.1:5432/app".into()),
+            set: vec!["replica.host=\"/tmp/sockets\"".into()],
+            ..Default::default()
+        };
+        let c = Config::from_toml("", &o).unwrap();
+        assert_eq!(c.replica.host, "/tmp/sockets");
+        assert_eq!(c.replica.port, 5432, "the rest of the URL stands");
+        assert_eq!(c.users.len(), 1);
     }
 
     #[test]
