@@ -109,6 +109,44 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, ProtoErro
     }))
 }
 
+/// Splits every whole message at the front of `buf` off as one block, to be
+/// cut into frames with [`next_in`]. The frames of one block are slices of
+/// one buffer, so consecutive ones can be forwarded as one slice again.
+///
+/// Returns `Ok(None)` when not even one message is whole (reserving the
+/// missing space, as [`decode`] does). A bad length word after a whole
+/// message ends the block there; the next call reports it.
+///
+/// # Errors
+/// `BadLength` when the first message's length word is invalid.
+pub fn decode_block(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, ProtoError> {
+    let mut at = 0;
+    loop {
+        match peek(&buf[at..], max) {
+            Ok(Some((_, total))) if buf.len() - at >= total => at += total,
+            Ok(Some((_, total))) if at == 0 => {
+                buf.reserve(total - buf.len());
+                return Ok(None);
+            }
+            Err(e) if at == 0 => return Err(e),
+            _ => break,
+        }
+    }
+    Ok((at > 0).then(|| buf.split_to(at).freeze()))
+}
+
+/// Cuts the next message off a block made by [`decode_block`].
+#[inline]
+pub fn next_in(block: &mut Bytes) -> Option<Frame> {
+    if block.len() < HEADER_BYTES {
+        return None;
+    }
+    let len = u32::from_be_bytes([block[1], block[2], block[3], block[4]]) as usize;
+    (block.len() > len).then(|| Frame {
+        raw: block.split_to(len + 1),
+    })
+}
+
 /// Reads NUL-terminated strings out of a body, front to back.
 pub(crate) struct Cursor<'a> {
     buf: &'a [u8],
@@ -215,8 +253,61 @@ mod tests {
         assert_eq!(Frame::from_bytes(copy).unwrap(), f);
     }
 
+    #[test]
+    fn a_block_holds_the_whole_frames_and_stops_at_a_bad_length() {
+        let mut wire = BytesMut::new();
+        encode::query(&mut wire, "SELECT 1");
+        encode::sync(&mut wire);
+        let two = wire.len();
+        wire.extend_from_slice(&[b'Q', 0x7f, 0xff, 0xff, 0xff]);
+        let mut block = decode_block(&mut wire, 1024).unwrap().unwrap();
+        assert_eq!(block.len(), two);
+        let q = next_in(&mut block).unwrap();
+        assert_eq!(q.body(), b"SELECT 1\0");
+        assert_eq!(
+            next_in(&mut block).unwrap().tag(),
+            crate::tag::frontend::SYNC
+        );
+        assert!(next_in(&mut block).is_none());
+        assert!(matches!(
+            decode_block(&mut wire, 1024),
+            Err(ProtoError::BadLength { .. })
+        ));
+    }
+
+    #[test]
+    fn a_block_waits_for_its_first_whole_frame() {
+        let mut wire = BytesMut::new();
+        encode::query(&mut wire, "SELECT 1");
+        let mut buf = BytesMut::from(&wire[..7]);
+        assert_eq!(decode_block(&mut buf, 1024).unwrap(), None);
+        assert!(buf.capacity() >= wire.len(), "the rest is reserved");
+        buf.extend_from_slice(&wire[7..]);
+        let block = decode_block(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(&block[..], &wire[..]);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Blocks cut into the same frames as one-by-one decoding.
+        #[test]
+        fn blocks_cut_like_single_frames(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut one = BytesMut::from(&data[..]);
+            let mut singles = Vec::new();
+            while let Ok(Some(f)) = decode(&mut one, 256) {
+                singles.push(f);
+            }
+            let mut buf = BytesMut::from(&data[..]);
+            let mut cut = Vec::new();
+            while let Ok(Some(mut block)) = decode_block(&mut buf, 256) {
+                while let Some(f) = next_in(&mut block) {
+                    cut.push(f);
+                }
+                prop_assert!(block.is_empty());
+            }
+            prop_assert_eq!(singles, cut);
+        }
+
         /// Arbitrary bytes never panic the framer, and whatever it splits off
         /// re-assembles to the input prefix it consumed.
         #[test]

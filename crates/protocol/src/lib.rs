@@ -31,7 +31,7 @@ pub mod startup;
 pub mod tag;
 
 pub use error::ProtoError;
-pub use frame::{decode, Frame};
+pub use frame::{decode, decode_block, next_in, Frame};
 
 /// PostgreSQL's own cap on the startup packet (`MAX_STARTUP_PACKET_LENGTH`).
 pub const MAX_STARTUP_PACKET_BYTES: usize = 10_000;

@@ -264,6 +264,9 @@ pub(crate) struct Session {
     shared: Arc<Shared>,
     client: TcpStream,
     cbuf: BytesMut,
+    /// The whole messages last split off `cbuf`, of which the client's
+    /// frames are slices: consecutive ones are forwarded as one slice.
+    block: Bytes,
     /// Output to the client, in order: relayed chunks and own messages.
     out: VecDeque<Bytes>,
     scratch: BytesMut,
@@ -421,6 +424,7 @@ impl Session {
             shared,
             client,
             cbuf,
+            block: Bytes::new(),
             out: VecDeque::new(),
             scratch: BytesMut::new(),
             user,
@@ -560,12 +564,15 @@ impl Session {
     /// Handles every whole frame in the client buffer.
     async fn process_client(&mut self) -> Result<Flow, Error> {
         let max = self.shared.config.max_message_bytes;
-        let flow = loop {
-            let Some(f) = frame::decode(&mut self.cbuf, max)? else {
+        let flow = 'read: loop {
+            let Some(mut block) = frame::decode_block(&mut self.cbuf, max)? else {
                 break Flow::Continue;
             };
-            if let Flow::Exit = self.on_client_frame(f).await? {
-                break Flow::Exit;
+            self.block = block.clone();
+            while let Some(f) = frame::next_in(&mut block) {
+                if let Flow::Exit = self.on_client_frame(f).await? {
+                    break 'read Flow::Exit;
+                }
             }
         };
         if !self.copy_data.is_empty() {
@@ -599,7 +606,7 @@ impl Session {
                 t::COPY_DATA | t::COPY_DONE | t::COPY_FAIL | t::SYNC | t::FLUSH => {
                     let ends = matches!(f.tag(), t::COPY_DONE | t::COPY_FAIL);
                     self.copy_data_bytes += f.len();
-                    self.copy_data.push(f.into_bytes());
+                    vectored::push_joined(&mut self.copy_data, &self.block, f.raw());
                     if ends || self.copy_data_bytes >= COPY_FLUSH_BYTES {
                         self.flush_copy().await?;
                     }
@@ -1517,7 +1524,7 @@ impl Session {
                     }
                     Meta::Other => {}
                 }
-                outgoing.push(f.raw().clone());
+                vectored::push_joined(&mut outgoing, &self.block, f.raw());
             }
             self.cancel.set_active(Some(idx(target)));
         }

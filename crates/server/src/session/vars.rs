@@ -47,9 +47,12 @@ pub(super) enum Command {
 /// Recognises `SHOW pgsplit.x`, `SET [SESSION] pgsplit.x {=|TO} v` and
 /// `RESET pgsplit.x` (one statement, any case, quotes optional).
 pub(super) fn parse(sql: &str) -> Option<Command> {
+    // Cheap rejection first, on bytes: this runs for every read.
+    if !starts_with_verb(sql) {
+        return None;
+    }
     let sql = sql.trim().trim_end_matches(';').trim_end();
     let (verb, rest) = split_word(sql)?;
-    // Cheap rejection first: this runs for every single-statement read.
     let verb = ["show", "set", "reset"]
         .into_iter()
         .find(|v| verb.eq_ignore_ascii_case(v))?;
@@ -95,6 +98,18 @@ pub(super) fn parse(sql: &str) -> Option<Command> {
         }
         _ => None,
     }
+}
+
+/// Whether the first word of `sql` is SHOW, SET or RESET (any case).
+fn starts_with_verb(sql: &str) -> bool {
+    let s = sql.trim_ascii_start().as_bytes();
+    let word = s
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .map_or(s, |end| &s[..end]);
+    [&b"show"[..], b"set", b"reset"]
+        .iter()
+        .any(|v| word.eq_ignore_ascii_case(v))
 }
 
 fn split_word(s: &str) -> Option<(&str, &str)> {
@@ -306,6 +321,10 @@ mod tests {
             parse("RESET pgsplit.min_lsn"),
             Some(Command::Reset("min_lsn".into()))
         );
+        assert_eq!(
+            parse(" \t\nSHOW pgsplit.last_route"),
+            Some(Command::Show("last_route".into()))
+        );
         for other in [
             "SHOW search_path",
             "SET search_path = a",
@@ -313,6 +332,9 @@ mod tests {
             "SET pgsplit.x",
             "SET LOCAL pgsplit.x = 1",
             "SELECT 'SHOW pgsplit.x'",
+            "SHOWS pgsplit.x",
+            "SETTING pgsplit.x = 1",
+            "",
         ] {
             assert_eq!(parse(other), None, "{other}");
         }

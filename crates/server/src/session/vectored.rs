@@ -55,6 +55,24 @@ impl<'a> Chunks<'a> {
     }
 }
 
+/// Appends `next` to `out`, joined with the last entry when both are
+/// consecutive slices of `block`: a batch that arrived in one read leaves
+/// in one slice (a `send`, not a `writev` of one slice per message), still
+/// without a copy.
+pub(super) fn push_joined(out: &mut Vec<Bytes>, block: &Bytes, next: &Bytes) {
+    let base = block.as_ptr() as usize;
+    let start = next.as_ptr() as usize;
+    if let Some(last) = out.last_mut() {
+        let from = last.as_ptr() as usize;
+        let end = start + next.len();
+        if from >= base && from + last.len() == start && end <= base + block.len() {
+            *last = block.slice(from - base..end - base);
+            return;
+        }
+    }
+    out.push(next.clone());
+}
+
 /// Empty slices to fill with [`Chunks::slices`].
 pub(super) fn slice_array<'b>() -> [IoSlice<'b>; MAX_SLICES] {
     [IoSlice::new(&[]); MAX_SLICES]
@@ -80,5 +98,24 @@ mod tests {
         assert_eq!(&*out[1], b"f");
         c.advance(2);
         assert!(c.is_done());
+    }
+
+    #[test]
+    fn joins_consecutive_slices_of_one_block_only() {
+        let block = Bytes::from(b"abcdefgh".to_vec());
+        let other = Bytes::from(b"xy".to_vec());
+        let mut out = Vec::new();
+        push_joined(&mut out, &block, &block.slice(0..2));
+        push_joined(&mut out, &block, &block.slice(2..5));
+        assert_eq!(out, [Bytes::from_static(b"abcde")]);
+        // A gap, another buffer, a static message: kept apart.
+        push_joined(&mut out, &block, &block.slice(6..8));
+        push_joined(&mut out, &block, &other);
+        push_joined(&mut out, &block, &Bytes::from_static(b"S"));
+        assert_eq!(out.len(), 4);
+        // Slices of an older block are not joined with the current one.
+        let mut out = vec![other.slice(0..1)];
+        push_joined(&mut out, &block, &block.slice(0..1));
+        assert_eq!(out.len(), 2);
     }
 }
