@@ -736,7 +736,10 @@ fn parse_url(s: &str, which: &'static str) -> Result<BackendUrl, ConfigError> {
     if !matches!(url.scheme(), "postgres" | "postgresql") {
         return Err(bad("scheme must be postgres:// or postgresql://"));
     }
+    // Percent-decoding only: a '+' is itself, not a space, in a URL's
+    // user, password or host.
     let decode = |v: &str| {
+        let v = v.replace('+', "%2B");
         url::form_urlencoded::parse(format!("x={v}").as_bytes())
             .next()
             .map(|(_, v)| v.into_owned())
@@ -860,7 +863,7 @@ mod tests {
         assert_eq!(c.replica.host, "/var/run/postgresql");
         assert_eq!(c.replica.port, 5499);
         let o = Overrides {
-            replica_url: Some("postgres://app:pw@127.0.0.1:5432/app".into()),
+            replica_url: Some("postgres://app:p+w@127.0.0.1:5432/app".into()),
             set: vec!["replica.host=\"/tmp/sockets\"".into()],
             ..Default::default()
         };
@@ -868,6 +871,7 @@ mod tests {
         assert_eq!(c.replica.host, "/tmp/sockets");
         assert_eq!(c.replica.port, 5432, "the rest of the URL stands");
         assert_eq!(c.users.len(), 1);
+        assert_eq!(c.users[0].password.as_deref(), Some("p+w"));
     }
 
     #[test]

@@ -574,6 +574,9 @@ impl Session {
                     break 'read Flow::Exit;
                 }
             }
+            // Not kept past its frames: an idle session would hold the
+            // last (possibly large) read.
+            self.block = Bytes::new();
         };
         if !self.copy_data.is_empty() {
             self.flush_copy().await?;
