@@ -570,6 +570,13 @@ impl Session {
             };
             self.block = block.clone();
             while let Some(f) = frame::next_in(&mut block) {
+                let cap = self.shared.config.routing.batch_buffer_bytes;
+                if self.only_batches(&f) && self.batch.bytes + f.len() <= cap {
+                    // The common case, without an await: a message held
+                    // for the batch its Sync will dispatch.
+                    self.batch_push(f)?;
+                    continue;
+                }
                 if let Flow::Exit = self.on_client_frame(f).await? {
                     break 'read Flow::Exit;
                 }
@@ -680,6 +687,17 @@ impl Session {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// Whether `f` is only added to the batch (see `on_client_frame`).
+    fn only_batches(&self, f: &Frame) -> bool {
+        use tag::frontend as t;
+        self.copy_in.is_none()
+            && !self.skip_until_sync
+            && matches!(
+                f.tag(),
+                t::PARSE | t::BIND | t::DESCRIBE | t::EXECUTE | t::CLOSE
+            )
     }
 
     fn batch_push(&mut self, f: Frame) -> Result<(), Error> {
