@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgsplit_lab::stack::{Stack, StackOptions};
-use pgsplit_lab::{PgBinaries, Which};
+use pgsplit_lab::PgBinaries;
 
 use crate::common::*;
 
@@ -23,8 +23,7 @@ fn stack_set(set: &[&str]) -> Stack {
 }
 
 fn rows_on_primary(s: &Stack, sql: &str) -> Vec<String> {
-    tokio::task::block_in_place(|| s.cluster().psql(Which::Primary, sql))
-        .unwrap()
+    on_primary(s, sql)
         .lines()
         .map(str::to_owned)
         .filter(|l| !l.is_empty())

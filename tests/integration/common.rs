@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use pgsplit_lab::stack::{Stack, StackOptions};
+use pgsplit_lab::Which;
 use tokio_postgres::{Client, NoTls};
 
 /// Starts a stack with default options (blocking work off the runtime).
@@ -78,6 +79,21 @@ pub fn code(e: &tokio_postgres::Error) -> String {
     e.code()
         .map(|c| c.code().to_owned())
         .unwrap_or_else(|| format!("no code: {e}"))
+}
+
+/// What `sql` returns when run with psql directly on a server (not
+/// through pgsplit or the tunnel), trimmed; the blocking work is kept off
+/// the runtime's worker.
+pub fn psql_on(stack: &Stack, which: Which, sql: &str) -> String {
+    tokio::task::block_in_place(|| stack.cluster().psql(which, sql))
+        .unwrap_or_else(|e| panic!("psql {sql}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+/// `psql_on` the primary.
+pub fn on_primary(stack: &Stack, sql: &str) -> String {
+    psql_on(stack, Which::Primary, sql)
 }
 
 /// Waits until the replica has replayed all the primary wrote.

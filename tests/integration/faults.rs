@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgsplit_lab::stack::{Stack, StackOptions};
-use pgsplit_lab::Which;
 use tokio_postgres::Client;
 
 use crate::common::*;
@@ -31,11 +30,7 @@ async fn exec(c: &Client, extended: bool, sql: &str) -> Result<(), tokio_postgre
 }
 
 fn count_on_primary(s: &Stack, sql: &str) -> i64 {
-    tokio::task::block_in_place(|| s.cluster().psql(Which::Primary, sql))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    on_primary(s, sql).parse().unwrap()
 }
 
 /// A tunnel cut while the session is idle: the next write reconnects and

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use pgsplit_lab::stack::{Stack, StackOptions};
-use pgsplit_lab::Which;
 use pgsplit_protocol::encode;
 
 use crate::common::*;
@@ -50,14 +49,6 @@ async fn run(raw: &mut Raw, p: Proto, sql: &str) -> Replies {
 async fn ok(raw: &mut Raw, p: Proto, sql: &str) {
     let r = run(raw, p, sql).await;
     assert!(r.errors.is_empty(), "{sql}: {:?}", r.messages);
-}
-
-/// A scalar read directly on the primary (not through the tunnel).
-fn on_primary(s: &Stack, sql: &str) -> String {
-    tokio::task::block_in_place(|| s.cluster().psql(Which::Primary, sql))
-        .unwrap()
-        .trim()
-        .to_owned()
 }
 
 /// Creates `table`, opens a block and writes a row in it; returns once the

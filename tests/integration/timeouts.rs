@@ -24,11 +24,7 @@ fn active(s: &Stack, which: Which, needle: &str) -> i64 {
         "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
          AND query LIKE '%{needle}%' AND query NOT LIKE '%pg_stat_activity%'"
     );
-    tokio::task::block_in_place(|| s.cluster().psql(which, &sql))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    psql_on(s, which, &sql).parse().unwrap()
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -95,10 +91,8 @@ async fn a_timed_out_block_can_never_commit() {
     // COMMIT of a failed block reports ROLLBACK, as on one server.
     assert!(e.is_ok(), "{e:?}");
     s.tunnel().restore();
-    let n =
-        tokio::task::block_in_place(|| s.cluster().psql(Which::Primary, "SELECT count(*) FROM tb"))
-            .unwrap();
-    assert_eq!(n.trim(), "0", "nothing of the block committed");
+    let n = on_primary(&s, "SELECT count(*) FROM tb");
+    assert_eq!(n, "0", "nothing of the block committed");
     c.batch_execute("INSERT INTO tb VALUES (2)").await.unwrap();
 }
 
@@ -114,10 +108,8 @@ async fn a_slow_autocommit_write_gets_its_true_outcome() {
         .await
         .unwrap_err();
     assert_eq!(code(&e), "57014");
-    let n =
-        tokio::task::block_in_place(|| s.cluster().psql(Which::Primary, "SELECT count(*) FROM aw"))
-            .unwrap();
-    assert_eq!(n.trim(), "0");
+    let n = on_primary(&s, "SELECT count(*) FROM aw");
+    assert_eq!(n, "0");
     c.batch_execute("INSERT INTO aw VALUES (2)").await.unwrap();
 }
 
@@ -185,10 +177,8 @@ async fn a_wrapped_write_into_a_black_hole_times_out_and_never_commits() {
     // proxy's connection is gone, so the block rolls back.
     s.tunnel().restore();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let n =
-        tokio::task::block_in_place(|| s.cluster().psql(Which::Primary, "SELECT count(*) FROM wb"))
-            .unwrap();
-    assert_eq!(n.trim(), "0");
+    let n = on_primary(&s, "SELECT count(*) FROM wb");
+    assert_eq!(n, "0");
     c.batch_execute("INSERT INTO wb VALUES (2)").await.unwrap();
 }
 
@@ -215,15 +205,12 @@ async fn idle_backend_connections_are_closed_and_reopened() {
     let c = client(&s).await;
     let r = replica_port(&s);
     let sessions = || {
-        tokio::task::block_in_place(|| {
-            s.cluster().psql(
-                Which::Replica,
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' \
-                 AND datname = 'app' AND backend_type = 'client backend'",
-            )
-        })
-        .unwrap()
-        .trim()
+        psql_on(
+            &s,
+            Which::Replica,
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' \
+             AND datname = 'app' AND backend_type = 'client backend'",
+        )
         .parse::<i64>()
         .unwrap()
     };
@@ -285,14 +272,8 @@ async fn the_heartbeat_answers_statements_stuck_in_a_black_hole() {
             }
         }
     }
-    let rows = tokio::task::block_in_place(|| {
-        s.cluster().psql(
-            Which::Primary,
-            "SELECT string_agg(x::text, ',' ORDER BY x) FROM hb",
-        )
-    })
-    .unwrap();
-    assert_eq!(rows.trim(), "4", "only what the client was told succeeded");
+    let rows = on_primary(&s, "SELECT string_agg(x::text, ',' ORDER BY x) FROM hb");
+    assert_eq!(rows, "4", "only what the client was told succeeded");
 
     // The same in the extended protocol (the statement prepared before).
     let insert = c.prepare("INSERT INTO hb VALUES ($1)").await.unwrap();
@@ -315,18 +296,8 @@ async fn the_heartbeat_answers_statements_stuck_in_a_black_hole() {
         assert!(Instant::now() < deadline, "writes did not come back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let rows = tokio::task::block_in_place(|| {
-        s.cluster().psql(
-            Which::Primary,
-            "SELECT string_agg(x::text, ',' ORDER BY x) FROM hb",
-        )
-    })
-    .unwrap();
-    assert_eq!(
-        rows.trim(),
-        "4,8",
-        "only what the client was told succeeded"
-    );
+    let rows = on_primary(&s, "SELECT string_agg(x::text, ',' ORDER BY x) FROM hb");
+    assert_eq!(rows, "4,8", "only what the client was told succeeded");
 }
 
 /// Resident memory of this process (the proxy runs inside it), in KiB.
@@ -393,10 +364,6 @@ async fn fifty_clients_on_a_black_hole_do_not_stop_the_reads() {
     }
     let grown = rss_kib().saturating_sub(before);
     assert!(grown < 64 * 1024, "memory grew by {grown} KiB");
-    let n = tokio::task::block_in_place(|| {
-        s.cluster()
-            .psql(Which::Primary, "SELECT count(*) FROM fifty")
-    })
-    .unwrap();
-    assert_eq!(n.trim(), "0", "no write was acknowledged, none is there");
+    let n = on_primary(&s, "SELECT count(*) FROM fifty");
+    assert_eq!(n, "0", "no write was acknowledged, none is there");
 }
