@@ -197,3 +197,40 @@ async fn a_long_pipeline_is_answered_completely() {
         .expect("every reply arrives");
     writer.await.unwrap();
 }
+
+/// Reads held for their Sync go where reads go; a batch that grows past
+/// `routing.batch_buffer_bytes` is sent before its Sync, and so runs on
+/// the primary (its rest could write in the same implicit transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_past_the_buffer_cap_runs_on_the_primary() {
+    let s = stack_with(pgsplit_lab::stack::StackOptions {
+        set: vec!["routing.batch_buffer_bytes=512".into()],
+        ..Default::default()
+    });
+    let mut raw = Raw::login(&s).await;
+    let batch = |executes: usize| {
+        let mut b = BytesMut::new();
+        encode::parse(&mut b, "", "SELECT inet_server_port()", &[]);
+        for _ in 0..executes {
+            encode::bind(&mut b, "", "", &[]);
+            encode::execute(&mut b, "", 0);
+        }
+        encode::sync(&mut b);
+        b
+    };
+    let small = batch(4);
+    assert!(small.len() < 512);
+    raw.send(&small).await;
+    let r = raw.replies(1).await;
+    assert!(r.errors.is_empty(), "{:?}", r.messages);
+    let replica = replica_port(&s).to_string();
+    assert_eq!(r.values, vec![replica; 4]);
+
+    let big = batch(40);
+    assert!(big.len() > 512);
+    raw.send(&big).await;
+    let r = raw.replies(1).await;
+    assert!(r.errors.is_empty(), "{:?}", r.messages);
+    let primary = primary_port(&s).to_string();
+    assert_eq!(r.values, vec![primary; 40]);
+}
