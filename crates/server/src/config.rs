@@ -754,8 +754,11 @@ fn parse_url(s: &str, which: &'static str) -> Result<BackendUrl, ConfigError> {
     let host = match (param, url.host_str()) {
         (Some(h), _) => h,
         (None, Some(h)) => decode(h),
-        (None, None) => return Err(bad("missing host")),
+        (None, None) => String::new(),
     };
+    if host.is_empty() {
+        return Err(bad("missing host"));
+    }
     let user = (!url.username().is_empty()).then(|| decode(url.username()));
     let password = url.password().map(decode);
     Ok(BackendUrl {
@@ -872,6 +875,12 @@ mod tests {
         assert_eq!(c.replica.port, 5432, "the rest of the URL stands");
         assert_eq!(c.users.len(), 1);
         assert_eq!(c.users[0].password.as_deref(), Some("p+w"));
+        let empty = Overrides {
+            replica_url: Some("postgres://app:pw@127.0.0.1:5432/app?host=".into()),
+            ..Default::default()
+        };
+        let e = Config::from_toml("", &empty).unwrap_err().to_string();
+        assert!(e.contains("--replica") && e.contains("missing host"), "{e}");
     }
 
     #[test]
