@@ -234,3 +234,63 @@ async fn a_batch_past_the_buffer_cap_runs_on_the_primary() {
     let primary = primary_port(&s).to_string();
     assert_eq!(r.values, vec![primary; 40]);
 }
+
+/// Sends `b` and reads the answers to its `n` cycles.
+async fn cycle(raw: &mut Raw, b: &BytesMut, n: usize) -> Replies {
+    raw.send(b).await;
+    raw.replies(n).await
+}
+
+/// One read cycle per send on a quiet session is the proxy's shortest path
+/// (no batch is held). Statements it prepares that way must exist wherever
+/// the session needs them later, and fail as on one server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_of_single_read_cycles_follow_the_session() {
+    let s = stack_without_read_your_writes();
+    let (p, r) = (
+        vec![primary_port(&s).to_string()],
+        vec![replica_port(&s).to_string()],
+    );
+    let mut raw = Raw::login(&s).await;
+    // Prepared and described in one cycle, as drivers prepare, then run.
+    let mut b = BytesMut::new();
+    encode::parse(&mut b, "s", "SELECT inet_server_port()", &[]);
+    encode::describe(&mut b, b'S', "s");
+    encode::sync(&mut b);
+    let got = cycle(&mut raw, &b, 1).await;
+    assert!(got.errors.is_empty(), "{got:?}");
+    let mut run = BytesMut::new();
+    run_prepared(&mut run, "s");
+    assert_eq!(cycle(&mut raw, &run, 1).await.values, r);
+    // The same name parsed again: refused as by one server, and the
+    // statement is unchanged.
+    let mut b = BytesMut::new();
+    encode::parse(&mut b, "s", "SELECT 'other'", &[]);
+    encode::sync(&mut b);
+    assert_eq!(cycle(&mut raw, &b, 1).await.errors, ["42P05"]);
+    assert_eq!(cycle(&mut raw, &run, 1).await.values, r);
+    // In a block it runs on the primary, created there from the client's
+    // own Parse; after the block, on the replica again.
+    let mut b = BytesMut::new();
+    extended(&mut b, "BEGIN");
+    let got = cycle(&mut raw, &b, 1).await;
+    assert_eq!(got.ready, [b'T']);
+    assert_eq!(cycle(&mut raw, &run, 1).await.values, p);
+    let mut b = BytesMut::new();
+    extended(&mut b, "COMMIT");
+    assert_eq!(cycle(&mut raw, &b, 1).await.ready, [b'I']);
+    assert_eq!(cycle(&mut raw, &run, 1).await.values, r);
+    // Unnamed statements and simple queries take the same path.
+    let mut b = BytesMut::new();
+    extended(&mut b, "SELECT inet_server_port()");
+    assert_eq!(cycle(&mut raw, &b, 1).await.values, r);
+    let mut b = BytesMut::new();
+    encode::query(&mut b, "SELECT inet_server_port()");
+    assert_eq!(cycle(&mut raw, &b, 1).await.values, r);
+    // Closed, it is gone everywhere.
+    let mut b = BytesMut::new();
+    encode::close(&mut b, b'S', "s");
+    encode::sync(&mut b);
+    assert!(cycle(&mut raw, &b, 1).await.errors.is_empty());
+    assert_eq!(cycle(&mut raw, &run, 1).await.errors, ["26000"]);
+}

@@ -6,7 +6,8 @@
 //! for a Parse, the class of its SQL are kept as offsets and values next to
 //! it, so dispatching the batch never parses or validates it again.
 
-use pgsplit_protocol::Frame;
+use pgsplit_protocol::frontend::{self, Bind, Object, Parse};
+use pgsplit_protocol::{tag, Frame, ProtoError};
 use pgsplit_router::route;
 use pgsplit_router::Class;
 
@@ -36,7 +37,73 @@ pub(super) enum Meta {
 
 /// Text at `body[start..end]`, already checked as UTF-8 on arrival.
 pub(super) fn text(f: &Frame, start: usize, end: usize) -> &str {
-    std::str::from_utf8(&f.body()[start..end]).unwrap_or_default()
+    body_text(f.body(), start, end)
+}
+
+/// [`text`] of a message body.
+pub(super) fn body_text(body: &[u8], start: usize, end: usize) -> &str {
+    std::str::from_utf8(&body[start..end]).unwrap_or_default()
+}
+
+/// Checks the body of a message with tag `tag` and says where its names
+/// and SQL are. A Parse's class is left as `unclassified`, for the caller.
+/// Also returns the text the caller looks at: a Parse's SQL, the name of
+/// the statement a Bind, Describe or Close names, else "".
+///
+/// # Errors
+/// `Malformed`/`Utf8` for a message that is not well formed.
+pub(super) fn locate(
+    tag: u8,
+    body: &[u8],
+    unclassified: Class,
+) -> Result<(Meta, &str), ProtoError> {
+    use tag::frontend as t;
+    Ok(match tag {
+        t::PARSE => {
+            let p = Parse::parse(body)?;
+            let name_end = p.name.len();
+            let meta = Meta::Parse {
+                name_end,
+                sql: (name_end + 1, name_end + 1 + p.sql.len()),
+                class: unclassified,
+            };
+            (meta, p.sql)
+        }
+        t::BIND => {
+            let b = Bind::parse(body)?;
+            let start = b.portal.len() + 1;
+            let meta = Meta::Uses {
+                start,
+                end: start + b.statement.len(),
+            };
+            (meta, b.statement)
+        }
+        t::DESCRIBE => match frontend::object(body, "Describe")? {
+            Object::Statement(name) => (
+                Meta::Uses {
+                    start: 1,
+                    end: 1 + name.len(),
+                },
+                name,
+            ),
+            Object::Portal(_) => (Meta::Other, ""),
+        },
+        t::CLOSE => match frontend::object(body, "Close")? {
+            Object::Statement(name) => (
+                Meta::CloseStatement {
+                    start: 1,
+                    end: 1 + name.len(),
+                },
+                name,
+            ),
+            Object::Portal(_) => (Meta::ClosePortal, ""),
+        },
+        t::EXECUTE => {
+            frontend::execute(body)?;
+            (Meta::Other, "")
+        }
+        _ => (Meta::Other, ""),
+    })
 }
 
 #[derive(Default)]

@@ -17,6 +17,7 @@ mod relay;
 mod resolution;
 mod settings;
 pub mod statements;
+mod steady;
 mod timers;
 mod vars;
 mod vectored;
@@ -28,7 +29,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use pgsplit_protocol::backend::TxStatus;
-use pgsplit_protocol::frontend::{self, Bind, Object, Parse};
+use pgsplit_protocol::frontend::{self, Parse};
 use pgsplit_protocol::{encode, frame, tag, Frame, ProtoError};
 use pgsplit_router::route::{self, Choice, Freshness, Reason, SessionState};
 use pgsplit_router::{Class, Stage, StmtKind, Target};
@@ -237,6 +238,8 @@ enum Retry {
     Query(Bytes),
     /// The batch in `Session::retry_frames` / `retry_meta`.
     Batch,
+    /// A steady read (see `steady`): its block of messages, as sent.
+    Block(Bytes),
 }
 
 /// A COPY FROM STDIN in progress: client frames go straight to `target`.
@@ -347,6 +350,8 @@ pub(crate) struct Session {
     /// The batch of a retryable extended-protocol read (see `Retry::Batch`).
     retry_frames: Vec<Frame>,
     retry_meta: Vec<Meta>,
+    /// The messages of the steady read being checked (see `steady`).
+    steady_meta: Vec<steady::Located>,
     cancel: CancelHandle,
     replica_retry_at: Option<Instant>,
     /// A lost commit whose outcome is being learned: output after its
@@ -461,6 +466,7 @@ impl Session {
             retry_due: false,
             retry_frames: Vec::new(),
             retry_meta: Vec::new(),
+            steady_meta: Vec::new(),
             local_portals: Vec::new(),
             idle_in_transaction,
             idle_since: Instant::now(),
@@ -568,6 +574,11 @@ impl Session {
             let Some(mut block) = frame::decode_block(&mut self.cbuf, max)? else {
                 break Flow::Continue;
             };
+            if self.steady_read(&block) {
+                self.send_raw(Target::Replica, std::slice::from_ref(&block))
+                    .await?;
+                continue;
+            }
             self.block = block.clone();
             while let Some(f) = frame::next_in(&mut block) {
                 let cap = self.shared.config.routing.batch_buffer_bytes;
@@ -701,73 +712,36 @@ impl Session {
     }
 
     fn batch_push(&mut self, f: Frame) -> Result<(), Error> {
-        use tag::frontend as t;
-        let meta = match f.tag() {
-            t::PARSE => {
-                let p = Parse::parse(f.body())?;
-                let class = self.classify(p.sql);
+        let (mut meta, text) = batch::locate(f.tag(), f.body(), EMPTY)?;
+        match &mut meta {
+            Meta::Parse { class, .. } => {
+                let sql = text;
+                *class = self.classify(sql);
                 if matches!(class.kind, StmtKind::Read | StmtKind::Session)
-                    && vars::parse(p.sql).is_some()
+                    && vars::parse(sql).is_some()
                 {
                     self.batch.local = true;
                 }
-                if (self.pinned || class.kind == StmtKind::Pin) && effects::may_unpin(p.sql) {
+                if (self.pinned || class.kind == StmtKind::Pin) && effects::may_unpin(sql) {
                     self.releasing = true;
                 }
-                if class.kind == StmtKind::Pin && effects::sticky_pin(p.sql) {
+                if class.kind == StmtKind::Pin && effects::sticky_pin(sql) {
                     self.pin_sticky = true;
                 }
-                self.shared.stats.count_class(&class);
-                self.batch.add_class(class);
-                let name_end = p.name.len();
-                Meta::Parse {
-                    name_end,
-                    sql: (name_end + 1, name_end + 1 + p.sql.len()),
-                    class,
-                }
+                self.shared.stats.count_class(class);
+                self.batch.add_class(*class);
             }
-            t::BIND => {
-                let b = Bind::parse(f.body())?;
-                if let Some(c) = self.statement_class(b.statement) {
+            Meta::Uses { .. } => {
+                let name = text;
+                if let Some(c) = self.statement_class(name) {
                     self.batch.add_class(c);
                 }
-                if self.stmts.get(b.statement).is_some_and(|s| s.local) {
+                if self.stmts.get(name).is_some_and(|s| s.local) {
                     self.batch.local = true;
                 }
-                let start = b.portal.len() + 1;
-                Meta::Uses {
-                    start,
-                    end: start + b.statement.len(),
-                }
             }
-            t::DESCRIBE => match frontend::object(f.body(), "Describe")? {
-                Object::Statement(name) => {
-                    if let Some(c) = self.statement_class(name) {
-                        self.batch.add_class(c);
-                    }
-                    if self.stmts.get(name).is_some_and(|s| s.local) {
-                        self.batch.local = true;
-                    }
-                    Meta::Uses {
-                        start: 1,
-                        end: 1 + name.len(),
-                    }
-                }
-                Object::Portal(_) => Meta::Other,
-            },
-            t::CLOSE => match frontend::object(f.body(), "Close")? {
-                Object::Statement(name) => Meta::CloseStatement {
-                    start: 1,
-                    end: 1 + name.len(),
-                },
-                Object::Portal(_) => Meta::ClosePortal,
-            },
-            t::EXECUTE => {
-                frontend::execute(f.body())?;
-                Meta::Other
-            }
-            _ => Meta::Other,
-        };
+            _ => {}
+        }
         self.batch.push(f, meta);
         Ok(())
     }
@@ -1266,6 +1240,10 @@ impl Session {
         let raw = match self.retry.take() {
             None => return Ok(()),
             Some(Retry::Batch) => return self.retry_batch().await,
+            Some(Retry::Block(block)) => {
+                self.unpack_steady(block);
+                return self.retry_batch().await;
+            }
             Some(Retry::Query(raw)) => raw,
         };
         let Ok(sql) = frontend::query(&raw[frame::HEADER_BYTES..]) else {
