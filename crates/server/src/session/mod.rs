@@ -1931,6 +1931,18 @@ impl Session {
         if self.out.is_empty() {
             return Ok(());
         }
+        if let [one] = self.out.make_contiguous() {
+            // The usual case: one run of replies, taken by the socket at once.
+            match self.client.try_write(one) {
+                Ok(n) if n == one.len() => {
+                    self.out.clear();
+                    return Ok(());
+                }
+                Ok(n) => *one = one.slice(n..),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Error::ClientIo(e)),
+            }
+        }
         let res = write_all_vectored(&mut self.client, self.out.make_contiguous()).await;
         self.out.clear();
         res.map_err(Error::ClientIo)
