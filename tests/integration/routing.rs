@@ -1,6 +1,8 @@
 //! Where statements run: reads on the replica, writes and blocks on the
 //! primary, in the simple and the extended protocol.
 
+use pgsplit_lab::stack::StackOptions;
+
 use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,4 +437,68 @@ async fn unclassifiable_statements_go_to_the_primary_and_are_counted() {
         port_of(&c, "SELECT inet_server_port()").await,
         replica_port(&s)
     );
+}
+
+/// A node-local replica is best reached through its unix socket, which the
+/// proxy watches for reads only: every kind of read works there, including
+/// answers and statements far larger than the socket's buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_reached_through_its_unix_socket_serves_every_read() {
+    let s = stack_with(StackOptions {
+        replica_via_unix_socket: true,
+        set: vec!["routing.read_your_writes=off".into()],
+        ..Default::default()
+    });
+    let c = client(&s).await;
+    // On the replica, over the socket (no server port to report).
+    let row = c
+        .query_one("SELECT pg_is_in_recovery(), inet_server_port()", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, Option<i32>>(1), None);
+    let stmt = c
+        .prepare("SELECT $1::int + 1, pg_is_in_recovery()")
+        .await
+        .unwrap();
+    for i in 0..50 {
+        let row = c.query_one(&stmt, &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), i + 1);
+        assert!(row.get::<_, bool>(1));
+    }
+    // An answer of many reads.
+    let row = c
+        .query_one("SELECT repeat('x', 4000000), pg_is_in_recovery()", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0).len(), 4_000_000);
+    assert!(row.get::<_, bool>(1));
+    // A statement the socket cannot take in one write: the proxy waits for
+    // room while the server reads it.
+    let big = format!(
+        "SELECT length('{}'), pg_is_in_recovery()",
+        "y".repeat(4_000_000)
+    );
+    let got = c.simple_query(&big).await.unwrap();
+    let row = got
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .expect("a row");
+    assert_eq!(row.get(0), Some("4000000"));
+    assert_eq!(row.get(1), Some("t"));
+    // Writes still go to the primary.
+    c.batch_execute("CREATE TABLE via_socket (n int); INSERT INTO via_socket VALUES (1)")
+        .await
+        .unwrap();
+    let row = c
+        .query_one(
+            "INSERT INTO via_socket VALUES (2) RETURNING pg_is_in_recovery()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!row.get::<_, bool>(0));
 }

@@ -30,6 +30,7 @@ pub mod replication;
 mod session;
 pub mod stats;
 pub mod stream;
+mod unix;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

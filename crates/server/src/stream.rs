@@ -11,7 +11,9 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
+
+use crate::unix::UnixConn;
 
 /// Where a server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +63,7 @@ impl Endpoint {
                 set_keepalive(&s)?;
                 Ok(Stream::Tcp(s))
             }
-            Endpoint::Unix(p) => Ok(Stream::Unix(UnixStream::connect(p).await?)),
+            Endpoint::Unix(p) => Ok(Stream::Unix(UnixConn::connect(p).await?)),
         }
     }
 }
@@ -86,7 +88,8 @@ fn set_keepalive(s: &TcpStream) -> io::Result<()> {
 #[derive(Debug)]
 pub enum Stream {
     Tcp(TcpStream),
-    Unix(UnixStream),
+    /// Watched for reads only (see `unix`).
+    Unix(UnixConn),
 }
 
 impl Stream {
@@ -120,7 +123,6 @@ impl Stream {
         // One slice is a plain `send`, cheaper in the kernel than `writev`.
         match (self, bufs) {
             (Stream::Tcp(s), [one]) => s.try_write(one),
-            (Stream::Unix(s), [one]) => s.try_write(one),
             (Stream::Tcp(s), _) => s.try_write_vectored(bufs),
             (Stream::Unix(s), _) => s.try_write_vectored(bufs),
         }
