@@ -64,6 +64,30 @@ async fn statement_timeout_answers_at_the_deadline_and_cancels_on_the_server() {
     c.query("SELECT 1", &[]).await.unwrap();
 }
 
+/// Every statement's deadline is its own: one that starts after another
+/// ended is not cut at the earlier statement's deadline, nor left without
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_statement_gets_the_whole_statement_timeout() {
+    let s = stack_set(&["timeouts.statement_timeout=1s"]);
+    let c = client(&s).await;
+    for _ in 0..3 {
+        c.simple_query("SELECT pg_sleep(0.3)").await.unwrap();
+        c.query("SELECT pg_sleep(0.3)", &[]).await.unwrap();
+    }
+    // Started 0.6 s after the last deadline was set: it runs its full 1 s.
+    c.query("SELECT 1", &[]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let started = Instant::now();
+    let e = c.query("SELECT pg_sleep(5)", &[]).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(code(&e), "57014");
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_block_can_never_commit() {
     let s = stack_set(&["timeouts.statement_timeout=300ms"]);

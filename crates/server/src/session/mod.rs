@@ -368,6 +368,14 @@ pub(crate) struct Session {
     /// again costs nothing, where a fresh `cancelled()` per wait would
     /// register and unregister a waiter every time.
     shutdown: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    /// The session's timer, for the earliest of its deadlines. Reset only
+    /// when a deadline is earlier than where it stands: a deadline that
+    /// moves later (every statement's does) leaves it, and when it goes off
+    /// early it is simply set again. Registering a timer per statement
+    /// would cost more than the statement's own relaying.
+    alarm: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Where `alarm` is set, when it is.
+    alarm_at: Option<Instant>,
 }
 
 /// Counts what pins a session to its primary connection: channels it
@@ -479,6 +487,8 @@ impl Session {
             wrap_unended: false,
             commit_refused: None,
             shutdown: Box::pin(shutdown.cancelled_owned()),
+            alarm: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
+            alarm_at: None,
         }
     }
 
@@ -521,20 +531,29 @@ impl Session {
             let primary_open = self.backends[idx(Target::Primary)].is_some();
             let watch = [busy[0] || (self.pinned && primary_open), busy[1]];
             let idle = !busy[0] && !busy[1] && self.txn.is_none() && self.copy_in.is_none();
-            let timer = self.next_timer();
+            if let Some((at, _)) = self.next_timer() {
+                if self.alarm_at.is_none_or(|a| at < a) {
+                    self.alarm
+                        .as_mut()
+                        .reset(tokio::time::Instant::from_std(at));
+                    self.alarm_at = Some(at);
+                }
+            }
+            let armed = self.alarm_at.is_some();
             let Session {
                 client,
                 cbuf,
                 backends,
                 shutdown,
                 link,
+                alarm,
                 ..
             } = self;
             let [p, r] = backends;
             enum Ev {
                 Client(std::io::Result<usize>),
                 Backend(Target, std::io::Result<usize>),
-                Timer(timers::Timer),
+                Alarm,
                 Link,
                 Shutdown,
             }
@@ -543,14 +562,22 @@ impl Session {
                 res = read_backend(p), if watch[0] => Ev::Backend(Target::Primary, res),
                 res = read_backend(r), if watch[1] => Ev::Backend(Target::Replica, res),
                 res = client.read_buf(cbuf) => Ev::Client(res),
-                what = sleep_until(timer), if timer.is_some() => Ev::Timer(what),
+                _ = alarm.as_mut(), if armed => Ev::Alarm,
                 _ = link.changed(), if busy[0] => Ev::Link,
                 _ = shutdown.as_mut(), if idle => Ev::Shutdown,
             };
             match ev {
                 Ev::Client(Ok(0)) => return Err(Error::ClientGone),
                 Ev::Client(Err(e)) => return Err(Error::ClientIo(e)),
-                Ev::Timer(what) => self.on_timer(what)?,
+                Ev::Alarm => {
+                    // Set for a deadline that may have moved later since.
+                    self.alarm_at = None;
+                    if let Some((at, what)) = self.next_timer() {
+                        if at <= Instant::now() {
+                            self.on_timer(what)?;
+                        }
+                    }
+                }
                 Ev::Link => self.on_link_change()?,
                 Ev::Client(Ok(_)) => {
                     if self.idle_in_transaction.is_some() {
