@@ -29,6 +29,13 @@ struct Args {
     quick: bool,
 }
 
+const USAGE: &str = "usage: pgbench-compare [--duration SECONDS] [--rounds N] [--scale N] [--quick]
+  --duration  seconds per pgbench run (10)
+  --rounds    interleaved rounds; the table shows their means (1)
+  --scale     pgbench scale factor (10)
+  --quick     only -S with 8 clients, in each -M mode
+env: PGSPLIT_BENCH_TCP=1 (replica over TCP), PGSPLIT_BENCH_SET=\"key=value ...\" (pgsplit settings)";
+
 fn parse_args() -> Args {
     let mut a = Args {
         duration: 10,
@@ -39,16 +46,24 @@ fn parse_args() -> Args {
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut num = |name: &str| -> u32 {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{name} needs a number"))
+            it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+                eprintln!("pgbench-compare: {name} needs a number\n{USAGE}");
+                std::process::exit(2)
+            })
         };
         match k.as_str() {
             "--duration" => a.duration = num("--duration"),
             "--rounds" => a.rounds = num("--rounds"),
             "--scale" => a.scale = num("--scale"),
             "--quick" => a.quick = true,
-            other => panic!("unknown argument {other}"),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => {
+                eprintln!("pgbench-compare: unknown argument {other}\n{USAGE}");
+                std::process::exit(2);
+            }
         }
     }
     a
@@ -365,22 +380,32 @@ fn main() {
             } else {
                 &direct_primary
             };
-            direct[i].push(run_pgbench(&bins, d, *case, args.duration));
-            split[i].push(measured(
-                &bins,
-                &proxy,
-                *case,
-                args.duration,
-                Some(std::process::id()),
-            ));
-            if let Some(b) = &bouncer {
-                let dbname = if case.select_only {
-                    "replica"
-                } else {
-                    "primary"
-                };
-                let url = format!("postgres://{user}:{pw}@127.0.0.1:{}/{dbname}", b.port);
-                bounce[i].push(measured(&bins, &url, *case, args.duration, b.pid()));
+            // Each round starts with another target, so whatever the
+            // machine does in a rhythm (a neighbour, a checkpoint) does not
+            // always land on the same one.
+            for k in 0..3 {
+                match (k + round as usize + i) % 3 {
+                    0 => direct[i].push(run_pgbench(&bins, d, *case, args.duration)),
+                    1 => split[i].push(measured(
+                        &bins,
+                        &proxy,
+                        *case,
+                        args.duration,
+                        Some(std::process::id()),
+                    )),
+                    _ => {
+                        if let Some(b) = &bouncer {
+                            let dbname = if case.select_only {
+                                "replica"
+                            } else {
+                                "primary"
+                            };
+                            let url =
+                                format!("postgres://{user}:{pw}@127.0.0.1:{}/{dbname}", b.port);
+                            bounce[i].push(measured(&bins, &url, *case, args.duration, b.pid()));
+                        }
+                    }
+                }
             }
         }
     }
