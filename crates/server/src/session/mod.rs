@@ -1652,9 +1652,7 @@ impl Session {
             if !idle || !(link_down || b.conn.is_closed_while_idle()) {
                 return Ok(t);
             }
-            debug!(target = ?t, "backend closed while idle; replacing it");
-            self.backends[idx(t)] = None;
-            self.stmts.forget_backend(t);
+            self.forget_closed(t);
             if self.pinned && t == Target::Primary {
                 // LISTENs, temporary tables, session locks died with it; a
                 // server would have ended this session, so pgsplit does too.
@@ -1714,6 +1712,15 @@ impl Session {
                 self.ensure_primary_for_read().await
             }
         }
+    }
+
+    /// `t`'s connection was found closed while idle: forgotten, with the
+    /// statements it held, so the next statement that needs it opens
+    /// another.
+    fn forget_closed(&mut self, t: Target) {
+        debug!(target = ?t, "backend closed while idle; replacing it");
+        self.backends[idx(t)] = None;
+        self.stmts.forget_backend(t);
     }
 
     /// A read whose replica is down goes to the primary if it is reachable.

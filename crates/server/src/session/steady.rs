@@ -19,7 +19,6 @@ use pgsplit_protocol::frame::HEADER_BYTES;
 use pgsplit_protocol::{frame, frontend, tag};
 use pgsplit_router::route::{self, Choice, Reason};
 use pgsplit_router::{Class, StmtKind, Target};
-use tracing::debug;
 
 use super::batch::{self, Meta};
 use super::statements::idx;
@@ -111,9 +110,8 @@ impl Session {
             return false;
         }
         if b.conn.is_closed_while_idle() {
-            debug!(target = ?Target::Replica, "backend closed while idle; replacing it");
-            self.backends[REPLICA] = None;
-            self.stmts.forget_backend(Target::Replica);
+            // The general path opens another.
+            self.forget_closed(Target::Replica);
             return false;
         }
 
