@@ -203,8 +203,20 @@ pub(super) fn wrappable_write(sql: &str) -> bool {
 
 /// Whether `sql` runs a COPY (in any of its statements).
 pub(super) fn has_copy(sql: &str) -> bool {
+    if !mentions_copy(sql) {
+        return false;
+    }
     let first_is_copy = |s: &str| Lexer::new(s).next().is_some_and(|t| t.is_keyword("copy"));
     first_is_copy(sql) || (sql.contains(';') && split(sql).into_iter().any(first_is_copy))
+}
+
+/// Whether the letters "copy" appear anywhere in `sql`, in any case. No
+/// COPY runs without them, and looking costs a small part of lexing (which
+/// splits a string at every `;`, and most drivers end statements with one).
+fn mentions_copy(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(4)
+        .any(|w| (w[0] | 0x20) == b'c' && w[1..].eq_ignore_ascii_case(b"opy"))
 }
 
 /// Whether a statement run while the session is pinned may have released
@@ -340,6 +352,11 @@ mod tests {
         assert!(has_copy("SET a = 1; COPY t FROM STDIN"));
         assert!(!has_copy("INSERT INTO t VALUES ('copy; copy')"));
         assert!(!has_copy("INSERT INTO copy VALUES (1)"));
+        assert!(has_copy("CoPy t TO STDOUT;"));
+        assert!(has_copy("SELECT 1; cOpY t FROM STDIN;"));
+        assert!(!has_copy("UPDATE t SET a = a + 1 WHERE b = 2;"));
+        assert!(mentions_copy("x COPY") && mentions_copy("copy") && !mentions_copy("cop"));
+        assert!(!mentions_copy("c\u{f8}py") && !mentions_copy("CO PY"));
     }
 
     #[test]

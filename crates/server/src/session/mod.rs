@@ -1568,7 +1568,9 @@ impl Session {
                 .count();
             // A batch that only prepares or describes runs nothing.
             let writes = self.commits_write(class.kind, target) && executes > 0;
-            let copy = writes && self.batch_has_copy();
+            let wants_xid = self.wants_xid(&class, target);
+            let has_copy = (writes || wants_xid) && self.batch_has_copy();
+            let copy = writes && has_copy;
             // A read outside a block may be refused by the replica as a
             // write (25006): keep the batch to run it again on the primary.
             let retryable = self.retryable_read(target)
@@ -1602,7 +1604,7 @@ impl Session {
             if let Some(answer) = answer.filter(|_| b.xid.is_some()) {
                 b.commit_answer = Some((seq, answer));
             }
-            let xid = wrap || (self.wants_xid(&class, target) && !self.batch_has_copy());
+            let xid = wrap || (wants_xid && !has_copy);
             if (writes && !copy) || xid {
                 self.push_own_query(target, seq, &mut outgoing, writes && !wrap, xid);
             }
