@@ -20,6 +20,7 @@ pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
 pub const TOO_MANY_CONNECTIONS: &str = "53300";
 pub const QUERY_CANCELED: &str = "57014";
 pub const ADMIN_SHUTDOWN: &str = "57P01";
+pub const CRASH_SHUTDOWN: &str = "57P02";
 pub const CANNOT_CONNECT_NOW: &str = "57P03";
 pub const INTERNAL_ERROR: &str = "XX000";
 pub const UNDEFINED_OBJECT: &str = "42704";

@@ -278,9 +278,7 @@ async fn first_backend(
     .await
     {
         Ok(c) => return Ok(c),
-        Err(BackendError::Refused { code, message, .. })
-            if code != pgsplit_protocol::sqlstate::CANNOT_CONNECT_NOW =>
-        {
+        Err(BackendError::Refused { code, message, .. }) if !going_away(&code) => {
             return Err(Error::BackendRefused {
                 target: Target::Replica,
                 code,
@@ -309,6 +307,17 @@ async fn first_backend(
     }
 }
 
+/// Whether a login refused with `code` was refused because the server is
+/// starting, stopping or restarting (it ends even a login in progress with
+/// 57P01 on a fast shutdown): then the session starts on the primary, as
+/// when the replica cannot be reached at all. Other refusals (a wrong
+/// database, too many connections, the backend credentials) are the
+/// client's answer.
+fn going_away(code: &str) -> bool {
+    use pgsplit_protocol::sqlstate::{ADMIN_SHUTDOWN, CANNOT_CONNECT_NOW, CRASH_SHUTDOWN};
+    matches!(code, ADMIN_SHUTDOWN | CRASH_SHUTDOWN | CANNOT_CONNECT_NOW)
+}
+
 /// Forwards a client's CancelRequest to the backend running its statement.
 async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
     let Some(running) = shared.cancels.lookup(pid, secret) else {
@@ -318,5 +327,20 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
     let timeout = shared.config.timeouts.connect_timeout;
     if let Err(e) = send_cancel(&running.endpoint, running.pid, running.secret, timeout).await {
         warn!(cause = %e, "forwarding a cancel request failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_going_away_is_not_the_clients_answer() {
+        for code in ["57P01", "57P02", "57P03"] {
+            assert!(going_away(code), "{code}");
+        }
+        for code in ["3D000", "28P01", "28000", "53300", "57014", "XX000"] {
+            assert!(!going_away(code), "{code}");
+        }
     }
 }
