@@ -7,7 +7,8 @@
 //! monitor (`monitor`) is its only writer.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Shared replication state. LSNs are byte positions in the WAL; 0 means
 /// unknown.
@@ -23,6 +24,9 @@ pub struct Replication {
     replica_replaying: AtomicBool,
     /// Completed replica polls; 0 until the first one.
     replica_polls: AtomicU64,
+    /// Since when the replica has been seen behind the primary without a
+    /// replayed transaction to date its position by (monitor only).
+    behind_since: Mutex<Option<Instant>>,
     /// Sessions may rely on it (false when no monitor runs).
     enabled: AtomicBool,
     /// Whether the primary link is up, for sessions waiting on it: a
@@ -40,6 +44,7 @@ impl Default for Replication {
             replica_up: AtomicBool::new(true),
             replica_replaying: AtomicBool::new(true),
             replica_polls: AtomicU64::new(0),
+            behind_since: Mutex::new(None),
             enabled: AtomicBool::new(false),
             link: tokio::sync::watch::Sender::new(true),
         }
@@ -112,8 +117,7 @@ impl Replication {
 
     /// Why the replica is outside `bound`, or `None` when it may serve
     /// reads. Before the first poll (and without a monitor) the replica is
-    /// given the benefit of the doubt; a lag that cannot be measured
-    /// (no transaction replayed yet) does not count as stale either.
+    /// given the benefit of the doubt.
     pub fn stale(&self, bound: Duration) -> Option<Stale> {
         if !self.enabled() {
             return None;
@@ -165,10 +169,16 @@ impl Replication {
     /// it is in recovery, its replay position and the age of the last
     /// transaction it replayed.
     pub(crate) fn set_replica(&self, poll: Option<ReplicaPoll>) {
+        self.set_replica_at(poll, Instant::now());
+    }
+
+    fn set_replica_at(&self, poll: Option<ReplicaPoll>, now: Instant) {
+        let mut behind_since = self.behind_since.lock().unwrap_or_else(|e| e.into_inner());
         match poll {
             None => {
                 self.replica_up.store(false, Relaxed);
                 self.lag_ms.store(-1, Relaxed);
+                *behind_since = None;
             }
             Some(p) => {
                 self.replica_up.store(true, Relaxed);
@@ -183,10 +193,24 @@ impl Replication {
                     (Some(pl), Some(rl)) => rl >= pl,
                     _ => false,
                 };
+                let behind = !caught_up && p.replay_lsn.is_some() && self.primary_lsn().is_some();
+                // Until the replica replays a transaction (right after it
+                // starts) nothing dates its position; the time it has been
+                // seen behind is then a lower bound of its lag, which never
+                // overstates it and grows while it stays behind.
+                let since = match (behind, p.replay_age_ms) {
+                    (true, None) => Some(*behind_since.get_or_insert(now)),
+                    _ => None,
+                };
+                *behind_since = since;
                 let lag = if caught_up {
                     0
+                } else if let Some(age) = p.replay_age_ms {
+                    age.max(0)
+                } else if let Some(t) = since {
+                    i64::try_from(now.duration_since(t).as_millis()).unwrap_or(i64::MAX)
                 } else {
-                    p.replay_age_ms.map_or(-1, |a| a.max(0))
+                    -1
                 };
                 self.lag_ms.store(lag, Relaxed);
             }
@@ -253,6 +277,37 @@ mod tests {
         assert_eq!(r.lag_bytes(), Some(50));
         assert_eq!(r.stale(Duration::from_secs(5)), Some(Stale::Lagging(7_000)));
         assert!(r.replayed(150) && !r.replayed(151));
+    }
+
+    #[test]
+    fn a_replica_behind_with_nothing_replayed_yet_has_a_growing_lag() {
+        let r = Replication::default();
+        r.enable();
+        let t0 = Instant::now();
+        r.set_primary(Some(200), false);
+        r.set_replica_at(poll(100, None), t0);
+        assert_eq!(r.lag_ms(), Some(0), "first seen behind");
+        r.set_replica_at(poll(150, None), t0 + Duration::from_millis(700));
+        assert_eq!(r.lag_ms(), Some(700));
+        assert_eq!(
+            r.stale(Duration::from_millis(500)),
+            Some(Stale::Lagging(700))
+        );
+        // A replayed transaction dates the position from then on.
+        r.set_replica_at(poll(180, Some(40)), t0 + Duration::from_millis(800));
+        assert_eq!(r.lag_ms(), Some(40));
+        r.set_replica_at(poll(190, None), t0 + Duration::from_millis(900));
+        assert_eq!(r.lag_ms(), Some(0), "behind again: measured afresh");
+        // Caught up: nothing to date.
+        r.set_replica_at(poll(200, None), t0 + Duration::from_millis(1000));
+        assert_eq!(r.lag_ms(), Some(0));
+        assert_eq!(r.stale(Duration::ZERO), None);
+        // No primary position known: unknown, not stale.
+        let r = Replication::default();
+        r.enable();
+        r.set_replica_at(poll(100, None), t0);
+        assert_eq!(r.lag_ms(), None);
+        assert_eq!(r.stale(Duration::ZERO), None);
     }
 
     #[test]
