@@ -380,6 +380,28 @@ async fn a_read_the_replica_refuses_as_a_write_runs_on_the_primary_once() {
         .unwrap()
         .get(0);
     assert_eq!(n, 6, "each run wrote its three rows once");
+    // The same statement with other values (the memo knows reads by their
+    // shape): refused once, learned, and never again.
+    let mut other = BytesMut::new();
+    encode::query(
+        &mut other,
+        "SELECT n, touch(n), inet_server_port() FROM generate_series(1, 5) n",
+    );
+    for _ in 0..2 {
+        raw.send(&other).await;
+        let r = raw.replies(1).await;
+        assert!(r.errors.is_empty(), "{r:?}");
+        raw.send(&b).await;
+        let r = raw.replies(1).await;
+        assert!(r.errors.is_empty(), "{r:?}");
+    }
+    assert_eq!(stats.retried_on_primary.load(Relaxed), 2);
+    let n: i64 = c
+        .query_one("/* pgsplit:primary */ SELECT count(*) FROM touched", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 6 + 2 * 5 + 2 * 3, "each run wrote its rows once");
     // Other reads are unaffected, and go to the replica.
     assert_eq!(
         port_of(&c, "SELECT inet_server_port()").await,

@@ -104,7 +104,8 @@ impl Classifier {
         }
     }
 
-    fn learned_write(&self, sql: &str) -> bool {
+    /// Whether `sql` was learned as a write (see [`Classifier::learn_write`]).
+    pub fn learned_write(&self, sql: &str) -> bool {
         self.has_learned.load(Relaxed)
             && self
                 .learned

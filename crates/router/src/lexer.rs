@@ -293,20 +293,8 @@ impl<'a> Lexer<'a> {
     }
 
     fn number(&mut self, start: usize) -> Token<'a> {
-        let mut i = start;
-        loop {
-            let c = self.at(i);
-            let plain = c.is_ascii_alphanumeric() || c == b'_' || c == b'.';
-            let exponent_sign = (c == b'+' || c == b'-')
-                && i > start
-                && (self.src[i - 1] | 0x20) == b'e'
-                && self.at(i + 1).is_ascii_digit();
-            if !(plain || exponent_sign) {
-                break;
-            }
-            i += 1;
-        }
-        self.token(TokenKind::Number, start, i)
+        let end = number_end(self.src, start);
+        self.token(TokenKind::Number, start, end)
     }
 
     fn operator(&mut self, start: usize) -> Token<'a> {
@@ -433,8 +421,27 @@ fn is_ident_start(c: u8) -> bool {
     CLASS[c as usize] & IDENT_START != 0
 }
 
+/// The end of the number token starting at `start`: letters, digits, `_`
+/// and `.` run on (PostgreSQL rejects what is not a number), and so does
+/// the sign of an exponent.
+pub(crate) fn number_end(src: &[u8], start: usize) -> usize {
+    let mut i = start;
+    while let Some(&c) = src.get(i) {
+        let plain = c.is_ascii_alphanumeric() || c == b'_' || c == b'.';
+        let exponent_sign = (c == b'+' || c == b'-')
+            && i > start
+            && (src[i - 1] | 0x20) == b'e'
+            && src.get(i + 1).is_some_and(u8::is_ascii_digit);
+        if !(plain || exponent_sign) {
+            break;
+        }
+        i += 1;
+    }
+    i
+}
+
 #[inline]
-fn is_ident_cont(c: u8) -> bool {
+pub(crate) fn is_ident_cont(c: u8) -> bool {
     CLASS[c as usize] & IDENT_CONT != 0
 }
 

@@ -26,6 +26,9 @@
 //!   (`nextval`, advisory locks, …), plus the operator's own glob patterns.
 //!   Both stages consult it.
 //!
+//! - [`shape`] blanks the literals of a `SELECT`, so the server can
+//!   remember the class of statements that differ only in their values.
+//!
 //! - [`route`] turns a [`Class`] and the session's state into the routing
 //!   decision (transaction state, pins, read-your-writes).
 
@@ -36,6 +39,7 @@ pub mod deep;
 pub mod functions;
 pub mod lexer;
 pub mod route;
+pub mod shape;
 
 #[cfg(any(test, feature = "corpus"))]
 pub mod corpus;

@@ -776,7 +776,11 @@ impl Session {
     /// Classifies a statement, remembering the last few.
     fn classify(&mut self, sql: &str) -> Class {
         let classifier = &self.shared.classifier;
-        self.memo.class(sql, |s| classifier.classify(s))
+        self.memo.class(
+            sql,
+            |s| classifier.classify(s),
+            |s| classifier.learned_write(s),
+        )
     }
 
     fn statement_class(&self, name: &str) -> Option<Class> {
