@@ -25,6 +25,21 @@ use pgsplit_protocol::sqlstate::READ_ONLY_SQL_TRANSACTION;
 /// those kinds means the stream is broken.
 const MAX_INSPECTED_BYTES: usize = 1 << 30;
 
+/// Backend messages the relay looks at outside a held or own answer; the
+/// others go to the client as they are.
+#[inline]
+fn inspected(tag: u8) -> bool {
+    use tag::backend as bt;
+    matches!(
+        tag,
+        bt::READY_FOR_QUERY
+            | bt::PARSE_COMPLETE
+            | bt::CLOSE_COMPLETE
+            | bt::ERROR_RESPONSE
+            | bt::COPY_IN_RESPONSE
+    )
+}
+
 impl Session {
     /// Relays what arrived from `t`.
     pub(super) fn on_backend_data(&mut self, t: Target) -> Result<(), Error> {
@@ -150,16 +165,28 @@ impl Session {
                 }
                 continue;
             }
-            let inspected = matches!(
-                tag,
-                bt::READY_FOR_QUERY
-                    | bt::PARSE_COMPLETE
-                    | bt::CLOSE_COMPLETE
-                    | bt::ERROR_RESPONSE
-                    | bt::COPY_IN_RESPONSE
-            );
-            if !inspected {
-                b.passthrough = len;
+            if !inspected(tag) {
+                // Relayed as is, and so are the messages after it up to the
+                // next one the relay must look at: the answer cannot change
+                // hands before that, so they are skipped over in one go.
+                let buf = &b.conn.rbuf[..];
+                let mut end = run + len;
+                while end < buf.len() {
+                    match frame::peek(&buf[end..], MAX_INSPECTED_BYTES) {
+                        Ok(Some((next_tag, next_len))) if !inspected(next_tag) => {
+                            end += next_len;
+                        }
+                        // Looked at (or broken, or cut in its header) by
+                        // the general loop.
+                        _ => break,
+                    }
+                }
+                if end > buf.len() {
+                    b.passthrough = end - buf.len();
+                    run = buf.len();
+                } else {
+                    run = end;
+                }
                 continue;
             }
             if avail < len {
