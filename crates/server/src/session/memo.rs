@@ -92,7 +92,7 @@ impl Memo {
     pub fn forget(&mut self, sql: &str) {
         self.entries.retain(|(t, _)| **t != *sql);
         self.next = 0;
-        if select_shape(sql, &mut self.scratch) {
+        if sql.len() <= MAX_TEXT && select_shape(sql, &mut self.scratch) {
             let shape = &self.scratch;
             self.shapes.retain(|(s, _)| s != shape);
             self.next_shape = 0;
