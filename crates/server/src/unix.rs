@@ -53,10 +53,15 @@ impl UnixConn {
         })
     }
 
+    /// A duplicate of the socket, registered for writes: watched only while
+    /// a write waits for room.
+    fn watch_room(&self) -> io::Result<AsyncFd<StdUnixStream>> {
+        register(self.fd.get_ref().try_clone()?, Interest::WRITABLE)
+    }
+
     /// Waits until the socket has room for a write.
     pub async fn writable(&self) -> io::Result<()> {
-        let dup = register(self.fd.get_ref().try_clone()?, Interest::WRITABLE)?;
-        let _ready = dup.writable().await?;
+        let _ready = self.watch_room()?.writable().await?;
         Ok(())
     }
 
@@ -96,8 +101,7 @@ impl UnixConn {
                 Err(e) => return Poll::Ready(Err(e)),
             }
             if self.room.is_none() {
-                let dup = self.fd.get_ref().try_clone()?;
-                self.room = Some(register(dup, Interest::WRITABLE)?);
+                self.room = Some(self.watch_room()?);
             }
             let room = self.room.as_ref().expect("registered above");
             let mut ready = ready!(room.poll_write_ready(cx))?;

@@ -175,6 +175,11 @@ mod tests {
         let other = "SELECT * FROM t WHERE id = 6 AND s = 'y'";
         seen(&mut m, other, StmtKind::Read, false, &mut calls);
         assert_eq!(calls, 3);
+        // A text too long to be remembered is not shaped to be forgotten
+        // either: the scratch buffer stays small.
+        let long = format!("SELECT {} FROM t", "x, ".repeat(MAX_TEXT));
+        m.forget(&long);
+        assert!(m.scratch.capacity() <= MAX_TEXT, "{}", m.scratch.capacity());
         // Only reads are remembered by shape.
         for i in 0..3 {
             let sql = format!("SELECT nextval('s{i}')");
