@@ -21,3 +21,4 @@ mod routing;
 mod session;
 mod timeouts;
 mod tools;
+mod transparency;

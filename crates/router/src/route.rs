@@ -55,6 +55,8 @@ pub enum Reason {
     Anywhere,
     ReadYourWrites,
     Stale,
+    /// A session setting the replica could not take holds on the primary.
+    Setting,
 }
 
 impl Reason {
@@ -72,6 +74,7 @@ impl Reason {
             Reason::Anywhere => "anywhere",
             Reason::ReadYourWrites => "read_your_writes",
             Reason::Stale => "stale_replica",
+            Reason::Setting => "setting_not_on_replica",
         }
     }
 }
@@ -152,6 +155,12 @@ pub fn route(class: &Class, s: &SessionState) -> Decision {
             d(Choice::Primary, Reason::Write)
         }
         StmtKind::Unknown => d(Choice::Primary, Reason::Unclassified),
+        // A setting can name what the session itself just created (`SET
+        // ROLE` after `CREATE ROLE`, a `search_path` of a new schema): it
+        // runs first where the session's writes are visible, as a read does.
+        StmtKind::Session if s.replica == Freshness::BehindWrites => {
+            d(Choice::Primary, Reason::ReadYourWrites)
+        }
         StmtKind::Session | StmtKind::TxnScoped | StmtKind::Commit | StmtKind::Rollback => {
             d(Choice::AnyOpen, Reason::Anywhere)
         }
@@ -267,9 +276,18 @@ mod tests {
         };
         let d = route(&class(StmtKind::Read, None), &stale);
         assert_eq!((d.choice, d.reason), (Choice::Primary, Reason::Stale));
-        // Settings still go anywhere; an explicit replica hint is obeyed.
+        // Settings still go anywhere when the replica is only stale, but
+        // follow the session's own writes; an explicit replica hint is obeyed.
         assert_eq!(
             route(&class(StmtKind::Session, None), &stale).choice,
+            Choice::AnyOpen
+        );
+        assert_eq!(
+            route(&class(StmtKind::Session, None), &behind).choice,
+            Choice::Primary
+        );
+        assert_eq!(
+            route(&class(StmtKind::TxnScoped, None), &behind).choice,
             Choice::AnyOpen
         );
         assert_eq!(

@@ -247,13 +247,17 @@ impl BackendConn {
     }
 
     /// Runs `sql` with the simple protocol and discards its results; used to
-    /// replay session settings. Returns the first error's SQLSTATE, if any.
+    /// replay session settings. Returns the first error's SQLSTATE and
+    /// message, if any.
     ///
     /// # Errors
     /// I/O or protocol errors (the connection is then unusable).
-    pub async fn run_silent(&mut self, sql: &str) -> Result<Option<String>, BackendError> {
+    pub async fn run_silent(
+        &mut self,
+        sql: &str,
+    ) -> Result<Option<(String, String)>, BackendError> {
         let mut ignored = Vec::new();
-        Ok(self.query_row(sql, &mut ignored).await?.err())
+        Ok(self.query(sql, &mut ignored).await?.err())
     }
 
     /// Runs a query of the proxy's own on an idle connection and returns
@@ -269,6 +273,15 @@ impl BackendConn {
         sql: &str,
         async_out: &mut Vec<bytes::Bytes>,
     ) -> Result<Result<Vec<Option<String>>, String>, BackendError> {
+        Ok(self.query(sql, async_out).await?.map_err(|(code, _)| code))
+    }
+
+    /// As [`BackendConn::query_row`], with the error's message as well.
+    async fn query(
+        &mut self,
+        sql: &str,
+        async_out: &mut Vec<bytes::Bytes>,
+    ) -> Result<Result<Vec<Option<String>>, (String, String)>, BackendError> {
         let mut w = BytesMut::new();
         encode::query(&mut w, sql);
         self.stream.write_all(&w).await?;
@@ -282,7 +295,7 @@ impl BackendConn {
                     if e.is_fatal() {
                         return Err(BackendError::Closed);
                     }
-                    err.get_or_insert_with(|| e.code.to_owned());
+                    err.get_or_insert_with(|| (e.code.to_owned(), e.message.to_owned()));
                 }
                 tag::backend::DATA_ROW if value.is_none() => {
                     value = Some(columns(f.body()));
@@ -290,7 +303,7 @@ impl BackendConn {
                 tag::backend::NOTIFICATION_RESPONSE => async_out.push(f.into_bytes()),
                 tag::backend::READY_FOR_QUERY => {
                     return Ok(match err {
-                        Some(code) => Err(code),
+                        Some(e) => Err(e),
                         None => Ok(value.unwrap_or_default()),
                     })
                 }

@@ -106,6 +106,17 @@ pub enum Error {
     },
     #[error("parameter \"pgsplit.{0}\" cannot be changed")]
     ReadOnlyVariable(String),
+    /// A session setting that holds for the client could not be applied on
+    /// the server that would run the next statement: the statement is not
+    /// run there under other settings than the client's. The server's own
+    /// SQLSTATE is passed on.
+    #[error("session setting `{setting}` could not be applied on the {}: the statement was not run", target_name(*target))]
+    SettingNotApplied {
+        setting: String,
+        target: Target,
+        code: String,
+        message: String,
+    },
     /// `on_stale = "error"` and the replica is past the session's bound.
     #[error("read refused: {0} (max staleness {1:?})")]
     StaleReplica(Stale, std::time::Duration),
@@ -158,7 +169,9 @@ impl Error {
             Error::PrimaryUnreachable(_) | Error::NothingReachable(_) => {
                 (Severity::Error, SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION)
             }
-            Error::BackendRefused { code, .. } => (Severity::Error, code.as_str()),
+            Error::BackendRefused { code, .. } | Error::SettingNotApplied { code, .. } => {
+                (Severity::Error, code.as_str())
+            }
             Error::BackendLost { .. }
             | Error::BackendLostInBlock { .. }
             | Error::CommitRolledBack
@@ -189,6 +202,9 @@ impl Error {
                 Some(format!("cause: {cause}"))
             }
             Error::InvalidVariable { expected, .. } => Some(format!("expected {expected}")),
+            Error::SettingNotApplied { message, .. } => Some(format!(
+                "the server said: {message}; RESET the setting, or retry once the server has what it names"
+            )),
             Error::StaleReplica(..) => Some(
                 "SET pgsplit.max_staleness to accept older data, or send the read to the \
                  primary with /* pgsplit:primary */"

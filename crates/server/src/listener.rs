@@ -278,7 +278,7 @@ async fn first_backend(
     .await
     {
         Ok(c) => return Ok(c),
-        Err(BackendError::Refused { code, message, .. }) if !going_away(&code) => {
+        Err(BackendError::Refused { code, message, .. }) if !primary_may_accept(&code) => {
             return Err(Error::BackendRefused {
                 target: Target::Replica,
                 code,
@@ -287,7 +287,7 @@ async fn first_backend(
         }
         Err(e) => e,
     };
-    warn!(cause = %replica_err, "replica unreachable at session start; trying the primary");
+    warn!(cause = %replica_err, "replica refused or unreachable at session start; trying the primary");
     match BackendConn::connect(
         Target::Primary,
         &cfg.primary.host,
@@ -307,15 +307,33 @@ async fn first_backend(
     }
 }
 
-/// Whether a login refused with `code` was refused because the server is
-/// starting, stopping or restarting (it ends even a login in progress with
-/// 57P01 on a fast shutdown): then the session starts on the primary, as
-/// when the replica cannot be reached at all. Other refusals (a wrong
-/// database, too many connections, the backend credentials) are the
-/// client's answer.
-fn going_away(code: &str) -> bool {
-    use pgsplit_protocol::sqlstate::{ADMIN_SHUTDOWN, CANNOT_CONNECT_NOW, CRASH_SHUTDOWN};
-    matches!(code, ADMIN_SHUTDOWN | CRASH_SHUTDOWN | CANNOT_CONNECT_NOW)
+/// Whether a login the replica refused with `code` may succeed on the
+/// primary, so the session starts there, as when the replica cannot be
+/// reached at all (its reads move to the replica once it accepts them):
+/// - the replica is starting, stopping or restarting (it ends even a login
+///   in progress with 57P01 on a fast shutdown);
+/// - it has not replayed what the login names yet: a database created a
+///   moment ago (3D000), a role or its password (28000, 28P01).
+///
+/// The client has already proven its password to pgsplit, with the
+/// proxy's own credentials check, before any server is asked; these logins
+/// use the backend credentials, so retrying one on the primary never gives
+/// a client a second password guess. Other refusals (too many connections,
+/// …) are the client's answer.
+fn primary_may_accept(code: &str) -> bool {
+    use pgsplit_protocol::sqlstate::{
+        ADMIN_SHUTDOWN, CANNOT_CONNECT_NOW, CRASH_SHUTDOWN, INVALID_AUTHORIZATION_SPECIFICATION,
+        INVALID_CATALOG_NAME, INVALID_PASSWORD,
+    };
+    matches!(
+        code,
+        ADMIN_SHUTDOWN
+            | CRASH_SHUTDOWN
+            | CANNOT_CONNECT_NOW
+            | INVALID_CATALOG_NAME
+            | INVALID_AUTHORIZATION_SPECIFICATION
+            | INVALID_PASSWORD
+    )
 }
 
 /// Forwards a client's CancelRequest to the backend running its statement.
@@ -335,12 +353,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_server_going_away_is_not_the_clients_answer() {
-        for code in ["57P01", "57P02", "57P03"] {
-            assert!(going_away(code), "{code}");
+    fn refusals_the_primary_may_not_share_start_there() {
+        for code in ["57P01", "57P02", "57P03", "3D000", "28000", "28P01"] {
+            assert!(primary_may_accept(code), "{code}");
         }
-        for code in ["3D000", "28P01", "28000", "53300", "57014", "XX000"] {
-            assert!(!going_away(code), "{code}");
+        for code in ["53300", "57014", "XX000", "08P01"] {
+            assert!(!primary_may_accept(code), "{code}");
         }
     }
 }

@@ -7,7 +7,7 @@ use pgsplit_router::route::{Choice, Decision, Reason};
 use pgsplit_router::{Class, Stage, StmtKind};
 
 /// Every routing reason, in the order of [`Stats::routed`].
-pub const REASONS: [Reason; 11] = [
+pub const REASONS: [Reason; 12] = [
     Reason::Bound,
     Reason::Transaction,
     Reason::Pinned,
@@ -19,6 +19,7 @@ pub const REASONS: [Reason; 11] = [
     Reason::Anywhere,
     Reason::ReadYourWrites,
     Reason::Stale,
+    Reason::Setting,
 ];
 
 /// Outcomes of lost commits, in the order of [`Stats::resolutions`].
@@ -91,7 +92,8 @@ mod tests {
                 | Reason::Unclassified
                 | Reason::Anywhere
                 | Reason::ReadYourWrites
-                | Reason::Stale => REASONS.contains(&r),
+                | Reason::Stale
+                | Reason::Setting => REASONS.contains(&r),
             }
         }
         assert!(REASONS.iter().all(|r| listed(*r)));

@@ -247,6 +247,9 @@ enum Retry {
 struct CopyIn {
     target: Target,
     extended: bool,
+    /// The cycle that runs it: a simple Query's COPYs end with its
+    /// ReadyForQuery.
+    seq: u64,
 }
 
 /// The empty class: a batch of nothing but Sync/Describe portal/Close.
@@ -658,13 +661,15 @@ impl Session {
                     if ends || self.copy_data_bytes >= COPY_FLUSH_BYTES {
                         self.flush_copy().await?;
                     }
-                    if ends {
+                    if ends && copy.extended {
                         self.copy_in = None;
-                        if copy.extended {
-                            // The Sync that follows belongs to the copy's backend.
-                            self.bound = Some(copy.target);
-                        }
+                        // The Sync that follows belongs to the copy's backend.
+                        self.bound = Some(copy.target);
                     }
+                    // A simple Query may hold several COPYs (`copy a from
+                    // stdin; copy b from stdin`): its copy data keeps going
+                    // to that server until the Query's ReadyForQuery, or
+                    // until the client sends something else.
                     return Ok(Flow::Continue);
                 }
                 _ => {
@@ -1090,6 +1095,7 @@ impl Session {
             self.copy_in = Some(CopyIn {
                 target,
                 extended: false,
+                seq,
             });
         }
         let xid = wrap || (self.wants_xid(&class, target) && !effects::has_copy(sql));
@@ -1201,8 +1207,22 @@ impl Session {
             self.pin_check = true;
         }
         debug!(target = ?target, reason = decision.reason.as_str(), kind = ?class.kind, "routed");
-        self.prepare_backend(target).await?;
-        Ok(target)
+        match self.prepare_backend(target).await {
+            Ok(()) => Ok(target),
+            // The replica cannot take a setting the primary holds (`SET
+            // ROLE` of a role it has not replayed yet): the statement runs
+            // on the primary, never on the replica under other settings.
+            Err(Error::SettingNotApplied { .. })
+                if target == Target::Replica && fallback && !class.kind.needs_primary() =>
+            {
+                self.drain(Target::Replica).await?;
+                let t = Box::pin(self.ensure(Target::Primary, false)).await?;
+                self.prepare_backend(t).await?;
+                self.last_route = (t, Reason::Setting);
+                Ok(t)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Waits up to `max_wait_for_replica` for the replica to reach this
@@ -1773,18 +1793,30 @@ impl Session {
             return Ok(());
         }
         let mut lost = false;
-        for sql in self.settings_log.since(b.applied_sets) {
+        let mut refused = None;
+        let from = b.applied_sets;
+        for (i, sql) in self.settings_log.since(from).iter().enumerate() {
             match b.conn.run_silent(sql).await {
-                Ok(None) => {}
-                Ok(Some(code)) => warn!(code, "replaying a session setting failed"),
+                Ok(None) => b.applied_sets = from + i + 1,
+                Ok(Some((code, message))) => {
+                    // Not skipped: the connection stays behind the log, so
+                    // the next statement for it tries again (the server may
+                    // have caught up with what the setting names).
+                    refused = Some(Error::SettingNotApplied {
+                        setting: sql.clone(),
+                        target: t,
+                        code,
+                        message,
+                    });
+                    break;
+                }
                 Err(_) => {
                     lost = true;
                     break;
                 }
             }
         }
-        b.applied_sets = self.settings_log.len();
-        if !lost {
+        if !lost && refused.is_none() {
             for name in self.stmts.take_zombies(t) {
                 let sql = format!("DEALLOCATE \"{}\"", name.replace('"', "\"\""));
                 if b.conn.run_silent(&sql).await.is_err() {
@@ -1798,7 +1830,13 @@ impl Session {
             self.stmts.forget_backend(t);
             return Err(Error::BackendLost { target: t });
         }
-        Ok(())
+        match refused {
+            Some(e) => {
+                debug!(target = ?t, cause = %e, "replaying a session setting failed");
+                Err(e)
+            }
+            None => Ok(()),
+        }
     }
 
     fn busy(&self, t: Target) -> bool {

@@ -253,6 +253,7 @@ impl Session {
                 bt::COPY_IN_RESPONSE => {
                     run += len;
                     let extended = b.pending.front().is_some_and(|p| p.extended);
+                    let seq = b.pending.front().map_or(0, |p| p.seq);
                     if extended {
                         // A Sync sent behind the Execute is ignored by the
                         // server during COPY; the client sends another after
@@ -261,11 +262,22 @@ impl Session {
                         self.copy_in = Some(CopyIn {
                             target: t,
                             extended,
+                            seq,
                         });
                     }
                     // A simple-protocol COPY entered copy mode when it was
                     // sent (its data may follow it at once), and the client
-                    // may have finished it already.
+                    // may have finished it already. One the proxy did not
+                    // see coming (a later COPY of the same Query, once the
+                    // client sent something else) gets the client's data too:
+                    // the server waits for it.
+                    if !extended && self.copy_in.is_none() {
+                        self.copy_in = Some(CopyIn {
+                            target: t,
+                            extended,
+                            seq,
+                        });
+                    }
                 }
                 _ => unreachable!("only inspected tags reach here"),
             }
@@ -361,6 +373,12 @@ impl Session {
     fn on_ready(&mut self, t: Target, status: TxStatus) {
         let b = self.backends[idx(t)].as_mut().expect("exists");
         let done = b.pending.pop_front();
+        if let (Some(c), Some(p)) = (self.copy_in, done) {
+            if c.target == t && !c.extended && !p.own && p.seq >= c.seq {
+                // The simple Query that ran one or more COPYs is over.
+                self.copy_in = None;
+            }
+        }
         if done.is_some_and(|p| p.retryable) {
             self.retry = None;
             // Drop the frames' references now, so the client's read buffer

@@ -1,0 +1,269 @@
+//! Transparency: what PostgreSQL's own regression suite found pgsplit
+//! doing differently from one server, each case on its own, against a
+//! replica that really lags (`recovery_min_apply_delay`).
+
+use bytes::BytesMut;
+use pgsplit_lab::stack::{Stack, StackOptions};
+use pgsplit_lab::LabOptions;
+use pgsplit_protocol::encode;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::common::*;
+
+/// A stack whose replica applies WAL `delay` late, with the lab's user a
+/// superuser (as the regression suite runs).
+fn lagging_superuser_stack(delay: &str) -> Stack {
+    let s = stack_with(StackOptions {
+        lab: LabOptions {
+            extra_conf: vec![("recovery_min_apply_delay".into(), delay.into())],
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    on_primary(&s, "ALTER ROLE app SUPERUSER");
+    caught_up(&s);
+    s
+}
+
+/// The first row of `sql`, every column as text.
+async fn row(c: &Client, sql: &str) -> Vec<String> {
+    for m in c
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    {
+        if let SimpleQueryMessage::Row(r) = m {
+            return (0..r.len())
+                .map(|i| r.get(i).unwrap_or("NULL").to_owned())
+                .collect();
+        }
+    }
+    panic!("no row from {sql}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_role_after_the_sessions_own_create_role_holds_on_every_server() {
+    let s = lagging_superuser_stack("1500ms");
+    let c = client(&s).await;
+    // Opens the replica connection, as an app's first read does.
+    row(&c, "SELECT 1").await;
+    c.batch_execute("CREATE ROLE regress_r1").await.unwrap();
+    c.batch_execute("SET ROLE regress_r1")
+        .await
+        .expect("SET ROLE of a role the session just created");
+    assert_eq!(
+        row(&c, "SELECT current_user, inet_server_port()").await,
+        ["regress_r1".to_owned(), primary_port(&s).to_string()],
+        "read behind the session's write, on the primary, as the new role"
+    );
+    // Once the replica has the role, reads return there, as that role.
+    back_on_replica(&s, &c).await;
+    assert_eq!(row(&c, "SELECT current_user").await, ["regress_r1"]);
+    // Nothing the role may not do is done as the superuser.
+    let e = c
+        .batch_execute("CREATE ROLE regress_escalated SUPERUSER")
+        .await
+        .expect_err("a role without CREATEROLE cannot create a superuser");
+    assert_eq!(code(&e), "42501");
+    c.batch_execute("RESET ROLE").await.unwrap();
+    assert_eq!(row(&c, "SELECT current_user").await, ["app"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_authorization_and_granted_roles_follow_the_sessions_writes() {
+    let s = lagging_superuser_stack("1500ms");
+    let c = client(&s).await;
+    row(&c, "SELECT 1").await;
+    c.batch_execute("CREATE ROLE regress_owner; CREATE ROLE regress_member")
+        .await
+        .unwrap();
+    c.batch_execute("GRANT regress_owner TO regress_member")
+        .await
+        .unwrap();
+    c.batch_execute("SET SESSION AUTHORIZATION regress_member")
+        .await
+        .expect("SET SESSION AUTHORIZATION of a role just created");
+    assert_eq!(
+        row(&c, "SELECT session_user, current_user").await,
+        ["regress_member", "regress_member"]
+    );
+    c.batch_execute("SET ROLE regress_owner")
+        .await
+        .expect("SET ROLE of a role just granted");
+    assert_eq!(
+        row(&c, "SELECT session_user, current_user").await,
+        ["regress_member", "regress_owner"]
+    );
+    back_on_replica(&s, &c).await;
+    assert_eq!(
+        row(&c, "SELECT session_user, current_user").await,
+        ["regress_member", "regress_owner"]
+    );
+    c.batch_execute("RESET SESSION AUTHORIZATION")
+        .await
+        .unwrap();
+    assert_eq!(
+        row(&c, "SELECT session_user, current_user").await,
+        ["app", "app"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_path_of_a_schema_created_a_moment_ago() {
+    let s = lagging_superuser_stack("1500ms");
+    let c = client(&s).await;
+    row(&c, "SELECT 1").await;
+    c.batch_execute("CREATE SCHEMA regress_s; SET search_path = regress_s")
+        .await
+        .unwrap();
+    c.batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(row(&c, "SELECT count(*) FROM t").await, ["1"]);
+    back_on_replica(&s, &c).await;
+    assert_eq!(
+        row(&c, "SELECT count(*), current_schema() FROM t").await,
+        ["1", "regress_s"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_the_replica_cannot_take_keeps_the_reads_on_the_primary() {
+    let s = lagging_superuser_stack("2s");
+    let c = client(&s).await;
+    assert_eq!(
+        row(&c, "SELECT inet_server_port()").await,
+        [replica_port(&s).to_string()]
+    );
+    // Created by someone else: this session's read-your-writes knows
+    // nothing of it, and the replica will not have it for 2 s.
+    on_primary(&s, "CREATE ROLE regress_late");
+    c.batch_execute("/* pgsplit:primary */ SET ROLE regress_late")
+        .await
+        .expect("the primary has the role");
+    // The replica refuses to replay it: the read runs where it holds,
+    // never on the replica as the superuser.
+    assert_eq!(
+        row(&c, "SELECT current_user, inet_server_port()").await,
+        ["regress_late".to_owned(), primary_port(&s).to_string()]
+    );
+    assert_eq!(
+        row(&c, "SHOW pgsplit.last_route").await[0],
+        "primary (setting_not_on_replica)"
+    );
+    caught_up(&s);
+    assert_eq!(
+        row(&c, "SELECT current_user, inet_server_port()").await,
+        ["regress_late".to_owned(), replica_port(&s).to_string()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_that_fails_fails_for_the_client_and_changes_nothing() {
+    let s = lagging_superuser_stack("0");
+    let c = client(&s).await;
+    let e = c
+        .batch_execute("SET ROLE regress_nobody")
+        .await
+        .expect_err("no such role");
+    assert_eq!(code(&e), "22023");
+    assert_eq!(row(&c, "SELECT current_user").await, ["app"]);
+    c.batch_execute("INSERT INTO pg_temp_nothing VALUES (1)")
+        .await
+        .expect_err("no such table");
+    assert_eq!(row(&c, "SELECT current_user").await, ["app"]);
+}
+
+/// A CopyData message of `data`.
+fn copy_data(b: &mut BytesMut, data: &[u8]) {
+    encode::message(b, b'd', |w| w.extend_from_slice(data));
+}
+
+fn copy_done(b: &mut BytesMut) {
+    encode::message(b, b'c', |_| {});
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_copies_in_one_query_each_get_their_data() {
+    let s = stack_without_read_your_writes();
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE copies (x int)")
+        .await
+        .unwrap();
+    let mut raw = Raw::login(&s).await;
+
+    // As psql runs `copy t from stdin\; copy t from stdin;`: each COPY's
+    // data after its CopyInResponse.
+    let mut b = BytesMut::new();
+    encode::query(&mut b, "copy copies from stdin; copy copies from stdin");
+    raw.send(&b).await;
+    for n in [b"1\n", b"2\n"] {
+        let f = raw.frame().await.expect("CopyInResponse");
+        assert_eq!(f.tag(), b'G');
+        let mut b = BytesMut::new();
+        copy_data(&mut b, n);
+        copy_done(&mut b);
+        raw.send(&b).await;
+        let f = raw.frame().await.expect("CommandComplete");
+        assert_eq!(f.tag(), b'C', "each COPY completes");
+    }
+    assert_eq!(raw.until_ready().await, [b'Z']);
+
+    // All at once, in both directions, mixed with other statements.
+    let mut b = BytesMut::new();
+    encode::query(
+        &mut b,
+        "copy copies from stdin; select count(*) from copies; \
+         copy copies to stdout; copy copies from stdin",
+    );
+    copy_data(&mut b, b"3\n");
+    copy_done(&mut b);
+    copy_data(&mut b, b"4\n5\n");
+    copy_done(&mut b);
+    raw.send(&b).await;
+    let r = raw.replies(1).await;
+    assert!(r.errors.is_empty(), "{:?}", r.messages);
+    assert_eq!(r.values, ["3"]);
+    assert_eq!(r.tags, ["COPY 1", "SELECT 1", "COPY 3", "COPY 2"]);
+
+    // The session goes on, and every row is on the primary.
+    let mut b = BytesMut::new();
+    encode::query(&mut b, "select 1");
+    raw.send(&b).await;
+    assert_eq!(raw.replies(1).await.values, ["1"]);
+    assert_eq!(on_primary(&s, "SELECT count(*) FROM copies"), "5");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_right_after_create_database_starts_on_the_primary() {
+    let s = lagging_superuser_stack("1500ms");
+    let c = client(&s).await;
+    c.batch_execute("CREATE DATABASE regress_newdb")
+        .await
+        .unwrap();
+    let url = s
+        .conn_string()
+        .replace("dbname=app", "dbname=regress_newdb");
+    assert_ne!(
+        url,
+        s.conn_string(),
+        "the connection string names the database"
+    );
+    let n = connect(&url)
+        .await
+        .expect("the replica has not replayed the database yet; the primary has it");
+    assert_eq!(
+        row(&n, "SELECT current_database(), inet_server_port()").await,
+        ["regress_newdb".to_owned(), primary_port(&s).to_string()]
+    );
+    // Once the replica has it, the session's reads move there.
+    back_on_replica(&s, &n).await;
+    // A database that exists nowhere is still the client's error.
+    let url = s
+        .conn_string()
+        .replace("dbname=app", "dbname=regress_nowhere");
+    let Err(e) = connect(&url).await else {
+        panic!("no such database, yet the login succeeded");
+    };
+    assert_eq!(code(&e), "3D000");
+}
