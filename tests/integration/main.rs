@@ -15,6 +15,7 @@ mod docs;
 mod failure;
 mod faults;
 mod pipeline;
+mod pooling;
 mod protocol;
 mod resolution;
 mod routing;

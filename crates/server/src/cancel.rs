@@ -107,6 +107,19 @@ impl CancelHandle {
         }
     }
 
+    /// Backend `i` went back to its pool: no cancel reaches it any more.
+    pub fn clear_backend(&self, i: usize) {
+        if let Some(b) = self
+            .slot
+            .backends
+            .lock()
+            .expect("cancel slot poisoned")
+            .get_mut(i)
+        {
+            *b = None;
+        }
+    }
+
     /// Backend `i` now runs the client's statement; `None`: none does.
     pub fn set_active(&self, i: Option<usize>) {
         let v = i.map_or(0, |i| u8::try_from(i + 1).unwrap_or(0));

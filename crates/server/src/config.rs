@@ -48,6 +48,8 @@ pub struct Config {
     /// relays as fast as PgBouncer's single thread.
     pub workers: usize,
     pub timeouts: Timeouts,
+    /// Server connection pools (`[pool]`).
+    pub pool: Pool,
     pub routing: Routing,
     pub monitor: Monitor,
     pub admin: Admin,
@@ -71,6 +73,7 @@ impl Default for Config {
             max_client_connections: 1000,
             workers: 0,
             timeouts: Timeouts::default(),
+            pool: Pool::default(),
             routing: Routing::default(),
             monitor: Monitor::default(),
             admin: Admin::default(),
@@ -193,6 +196,99 @@ impl Timeouts {
             statement_timeout: nonzero(o.statement_timeout.unwrap_or(self.statement_timeout)),
             server_idle_timeout: nonzero(o.server_idle_timeout.unwrap_or(self.server_idle_timeout)),
             server_lifetime: nonzero(o.server_lifetime.unwrap_or(self.server_lifetime)),
+        }
+    }
+}
+
+/// How server connections are shared between client sessions.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A connection is leased for one cycle (an autocommit statement, a
+    /// batch up to Sync, a whole block) and returned when the server is
+    /// idle and nothing pins it.
+    #[default]
+    Transaction,
+    /// A connection is leased until the client leaves, then returned.
+    Session,
+}
+
+/// `[pool]`, with `[pool.primary]` / `[pool.replica]` overriding any key.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pool {
+    pub mode: PoolMode,
+    /// The most server connections in one pool (one per target, user,
+    /// database and startup parameters).
+    pub size: usize,
+    /// The most server connections to one target over all its pools.
+    pub max_server_connections: usize,
+    /// Idle connections kept open per pool once it has been used; unset:
+    /// 2 for the primary (no connect through the tunnel before a write),
+    /// 0 for the local replica.
+    pub min_idle: Option<usize>,
+    /// How long a statement waits for a connection before 53300.
+    #[serde(deserialize_with = "duration")]
+    pub checkout_timeout: Duration,
+    pub primary: TargetPool,
+    pub replica: TargetPool,
+}
+
+/// Per-target overrides of [`Pool`]; unset keys use the `[pool]` value.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TargetPool {
+    pub mode: Option<PoolMode>,
+    pub size: Option<usize>,
+    pub max_server_connections: Option<usize>,
+    pub min_idle: Option<usize>,
+    #[serde(deserialize_with = "some_duration")]
+    pub checkout_timeout: Option<Duration>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            mode: PoolMode::Transaction,
+            size: 20,
+            max_server_connections: 50,
+            min_idle: None,
+            checkout_timeout: Duration::from_secs(5),
+            primary: TargetPool::default(),
+            replica: TargetPool::default(),
+        }
+    }
+}
+
+/// The pool settings of one target, overrides resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub mode: PoolMode,
+    pub size: usize,
+    pub max_server_connections: usize,
+    pub min_idle: usize,
+    pub checkout_timeout: Duration,
+}
+
+impl Pool {
+    /// The settings for the primary (`primary = true`) or the replica.
+    pub fn for_target(&self, primary: bool) -> PoolSettings {
+        let o = if primary {
+            &self.primary
+        } else {
+            &self.replica
+        };
+        PoolSettings {
+            mode: o.mode.unwrap_or(self.mode),
+            size: o.size.unwrap_or(self.size),
+            max_server_connections: o
+                .max_server_connections
+                .unwrap_or(self.max_server_connections),
+            min_idle: o
+                .min_idle
+                .or(self.min_idle)
+                .unwrap_or(if primary { 2 } else { 0 }),
+            checkout_timeout: o.checkout_timeout.unwrap_or(self.checkout_timeout),
         }
     }
 }
@@ -626,6 +722,42 @@ impl Config {
         }
         if self.monitor.interval < Duration::from_millis(10) {
             return Err(invalid("monitor.interval", "must be at least 10ms"));
+        }
+        for (name, primary) in [("primary", true), ("replica", false)] {
+            let p = self.pool.for_target(primary);
+            let key = |k: &str| {
+                let over = if primary {
+                    &self.pool.primary
+                } else {
+                    &self.pool.replica
+                };
+                let set = match k {
+                    "size" => over.size.is_some(),
+                    "max_server_connections" => over.max_server_connections.is_some(),
+                    "min_idle" => over.min_idle.is_some(),
+                    _ => over.checkout_timeout.is_some(),
+                };
+                if set {
+                    format!("pool.{name}.{k}")
+                } else {
+                    format!("pool.{k}")
+                }
+            };
+            if p.size == 0 {
+                return Err(invalid(&key("size"), "must be at least 1"));
+            }
+            if p.max_server_connections == 0 {
+                return Err(invalid(
+                    &key("max_server_connections"),
+                    "must be at least 1",
+                ));
+            }
+            if p.min_idle > p.size {
+                return Err(invalid(&key("min_idle"), "must not exceed the pool size"));
+            }
+            if p.checkout_timeout.is_zero() {
+                return Err(invalid(&key("checkout_timeout"), "must be greater than 0"));
+            }
         }
         if self.routing.batch_buffer_bytes == 0 {
             return Err(invalid(

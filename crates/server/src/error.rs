@@ -117,6 +117,13 @@ pub enum Error {
         code: String,
         message: String,
     },
+    /// No server connection of the session's pool was free in time.
+    #[error("no server connection free in the {} pool within {waited:?} (pool size {size}): the statement was not sent", target_name(*target))]
+    PoolFull {
+        target: Target,
+        waited: std::time::Duration,
+        size: usize,
+    },
     /// `on_stale = "error"` and the replica is past the session's bound.
     #[error("read refused: {0} (max staleness {1:?})")]
     StaleReplica(Stale, std::time::Duration),
@@ -164,6 +171,7 @@ impl Error {
             Error::AuthFailed { .. } => (Severity::Fatal, INVALID_PASSWORD),
             Error::Replication => (Severity::Fatal, FEATURE_NOT_SUPPORTED),
             Error::TooManyClients => (Severity::Fatal, TOO_MANY_CONNECTIONS),
+            Error::PoolFull { .. } => (Severity::Error, TOO_MANY_CONNECTIONS),
             Error::AuthTimeout => (Severity::Fatal, QUERY_CANCELED),
             Error::ShuttingDown => (Severity::Fatal, ADMIN_SHUTDOWN),
             Error::PrimaryUnreachable(_) | Error::NothingReachable(_) => {

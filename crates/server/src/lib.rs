@@ -26,6 +26,7 @@ pub mod config;
 pub mod error;
 mod listener;
 mod monitor;
+mod pool;
 pub mod replication;
 mod session;
 pub mod stats;
@@ -52,6 +53,8 @@ pub struct Shared {
     pub stats: stats::Stats,
     /// Replica lag and positions, kept by the monitor.
     pub replication: replication::Replication,
+    /// Server connections shared by the sessions.
+    pub pools: pool::Pools,
 }
 
 impl Shared {
@@ -66,6 +69,7 @@ impl Shared {
             cancels: Arc::default(),
             stats: stats::Stats::default(),
             replication: replication::Replication::default(),
+            pools: pool::Pools::new(&config),
             config,
         }
     }
@@ -197,7 +201,12 @@ fn run_worker(
                         .enable_all()
                         .build()
                     {
-                        Ok(rt) => rt.block_on(monitor::run(m_shared, m_stop)),
+                        Ok(rt) => rt.block_on(async move {
+                            // Pool upkeep opens connections here, where a
+                            // mostly idle runtime drives their I/O at once.
+                            tokio::spawn(session::maintain(m_shared.clone(), m_stop.clone()));
+                            monitor::run(m_shared, m_stop).await
+                        }),
                         Err(e) => {
                             tracing::error!(cause = %e, "replication monitor failed to start")
                         }

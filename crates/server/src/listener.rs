@@ -10,7 +10,6 @@ use bytes::BytesMut;
 use pgsplit_protocol::backend::TxStatus;
 use pgsplit_protocol::startup::{decode_startup, Startup, StartupPacket};
 use pgsplit_protocol::{encode, ProtoError};
-use pgsplit_router::Target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -18,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::backend::{send_cancel, BackendConn, BackendError, Login};
+use crate::backend::send_cancel;
 use crate::error::Error;
 use crate::session::Session;
 use crate::Shared;
@@ -149,11 +148,11 @@ async fn handle(
         .stats
         .clients_accepted
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (startup, user, first) = ready;
+    let (startup, user, (first, pools)) = ready;
     let cancel = shared.cancels.register();
     let mut out = BytesMut::new();
     encode::auth_ok(&mut out);
-    for (k, v) in &first.params {
+    for (k, v) in first.server_params() {
         // The client must see a read-write server (libpq's
         // target_session_attrs=read-write checks these).
         let v = match k.as_str() {
@@ -177,6 +176,7 @@ async fn handle(
         database,
         startup.params,
         first,
+        pools,
         cancel,
         shutdown,
     );
@@ -187,7 +187,11 @@ async fn handle(
     });
 }
 
-type Ready = (Startup, crate::config::User, BackendConn);
+type Ready = (
+    Startup,
+    crate::config::User,
+    (Box<crate::session::Backend>, [crate::pool::PoolId; 2]),
+);
 
 /// Reads the startup packet(s) and authenticates. `Ok(None)` when the
 /// connection was only a cancel request.
@@ -248,92 +252,9 @@ async fn startup(
         .ok_or(Error::AuthFailed {
             user: user_name.clone(),
         })?;
-    let first = first_backend(shared, &user, &startup).await?;
+    let database = startup.database().unwrap_or_default();
+    let first = crate::session::first_backend(shared, &user, database, &startup.params).await?;
     Ok(Some((startup, user, first)))
-}
-
-/// Opens the connection whose handshake the client sees: the replica
-/// (reads start there and a read-only client never needs the primary), or
-/// the primary when the replica cannot be reached. It also validates the
-/// database name.
-async fn first_backend(
-    shared: &Shared,
-    user: &crate::config::User,
-    s: &Startup,
-) -> Result<BackendConn, Error> {
-    let cfg = &shared.config;
-    let login = Login {
-        user: user.backend_user(),
-        password: user.backend_password(),
-        database: s.database().unwrap_or_default(),
-        params: &s.params,
-    };
-    let replica_err = match BackendConn::connect(
-        Target::Replica,
-        &cfg.replica.host,
-        cfg.replica.port,
-        &login,
-        cfg.timeouts.for_target(false).connect_timeout,
-    )
-    .await
-    {
-        Ok(c) => return Ok(c),
-        Err(BackendError::Refused { code, message, .. }) if !primary_may_accept(&code) => {
-            return Err(Error::BackendRefused {
-                target: Target::Replica,
-                code,
-                message,
-            })
-        }
-        Err(e) => e,
-    };
-    warn!(cause = %replica_err, "replica refused or unreachable at session start; trying the primary");
-    match BackendConn::connect(
-        Target::Primary,
-        &cfg.primary.host,
-        cfg.primary.port,
-        &login,
-        cfg.timeouts.for_target(true).connect_timeout,
-    )
-    .await
-    {
-        Ok(c) => Ok(c),
-        Err(BackendError::Refused { code, message, .. }) => Err(Error::BackendRefused {
-            target: Target::Primary,
-            code,
-            message,
-        }),
-        Err(e) => Err(Error::NothingReachable(e)),
-    }
-}
-
-/// Whether a login the replica refused with `code` may succeed on the
-/// primary, so the session starts there, as when the replica cannot be
-/// reached at all (its reads move to the replica once it accepts them):
-/// - the replica is starting, stopping or restarting (it ends even a login
-///   in progress with 57P01 on a fast shutdown);
-/// - it has not replayed what the login names yet: a database created a
-///   moment ago (3D000), a role or its password (28000, 28P01).
-///
-/// The client has already proven its password to pgsplit, with the
-/// proxy's own credentials check, before any server is asked; these logins
-/// use the backend credentials, so retrying one on the primary never gives
-/// a client a second password guess. Other refusals (too many connections,
-/// …) are the client's answer.
-fn primary_may_accept(code: &str) -> bool {
-    use pgsplit_protocol::sqlstate::{
-        ADMIN_SHUTDOWN, CANNOT_CONNECT_NOW, CRASH_SHUTDOWN, INVALID_AUTHORIZATION_SPECIFICATION,
-        INVALID_CATALOG_NAME, INVALID_PASSWORD,
-    };
-    matches!(
-        code,
-        ADMIN_SHUTDOWN
-            | CRASH_SHUTDOWN
-            | CANNOT_CONNECT_NOW
-            | INVALID_CATALOG_NAME
-            | INVALID_AUTHORIZATION_SPECIFICATION
-            | INVALID_PASSWORD
-    )
 }
 
 /// Forwards a client's CancelRequest to the backend running its statement.
@@ -345,20 +266,5 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
     let timeout = shared.config.timeouts.connect_timeout;
     if let Err(e) = send_cancel(&running.endpoint, running.pid, running.secret, timeout).await {
         warn!(cause = %e, "forwarding a cancel request failed");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refusals_the_primary_may_not_share_start_there() {
-        for code in ["57P01", "57P02", "57P03", "3D000", "28000", "28P01"] {
-            assert!(primary_may_accept(code), "{code}");
-        }
-        for code in ["53300", "57014", "XX000", "08P01"] {
-            assert!(!primary_may_accept(code), "{code}");
-        }
     }
 }

@@ -11,6 +11,8 @@
 
 mod batch;
 mod effects;
+mod lease;
+pub(crate) use lease::{first_backend, maintain};
 mod local;
 mod memo;
 mod relay;
@@ -194,12 +196,22 @@ pub(crate) struct Backend {
     commit_answer: Option<(u64, Bytes)>,
     opened: Instant,
     last_used: Instant,
+    /// The room this connection takes in its pool; freed when it closes.
+    lease: Option<crate::pool::Lease>,
+    /// Fingerprint of the session settings applied on the connection when
+    /// it was last returned (0: none), and whether they must be reset
+    /// before the session that leased it now runs anything.
+    carried: u64,
+    reset_due: bool,
 }
 
 impl Backend {
-    fn new(conn: BackendConn, timeouts: crate::config::Effective) -> Backend {
+    pub(crate) fn new(conn: BackendConn, timeouts: crate::config::Effective) -> Backend {
         let now = Instant::now();
         Backend {
+            lease: None,
+            carried: 0,
+            reset_due: false,
             deadline: None,
             resolving: false,
             xid: None,
@@ -221,6 +233,11 @@ impl Backend {
             held: 0,
             retrying: false,
         }
+    }
+
+    /// The ParameterStatus values the server reported at login.
+    pub(crate) fn server_params(&self) -> &[(String, String)] {
+        &self.conn.params
     }
 
     fn running(&self) -> Running {
@@ -279,7 +296,9 @@ pub(crate) struct Session {
     user: User,
     database: String,
     params: Vec<(String, String)>,
-    backends: [Option<Backend>; 2],
+    backends: [Option<Box<Backend>>; 2],
+    /// The pool of each target this session leases from.
+    pools: [crate::pool::PoolId; 2],
     txn: Option<Target>,
     /// The backend holding the client's block was lost: answer 25P02
     /// until the client ends the block.
@@ -413,12 +432,13 @@ impl Session {
         user: User,
         database: String,
         params: Vec<(String, String)>,
-        first: BackendConn,
+        first: Box<Backend>,
+        pools: [crate::pool::PoolId; 2],
         cancel: CancelHandle,
         shutdown: CancellationToken,
     ) -> Session {
         let mut backends = [None, None];
-        let t = first.target;
+        let t = first.conn.target;
         let vars = vars::Vars::new(&shared.config);
         let iit = shared.config.timeouts.idle_in_transaction_timeout;
         let idle_in_transaction = (!iit.is_zero()).then_some(iit);
@@ -426,16 +446,12 @@ impl Session {
         let report_lag = params
             .iter()
             .any(|(k, v)| k == "pgsplit.report_lag" && vars::is_on(v));
-        let tm = shared.config.timeouts.for_target(t == Target::Primary);
-        cancel.set_backend(
-            idx(t),
-            Running {
-                endpoint: first.endpoint.clone(),
-                pid: first.pid,
-                secret: first.secret,
-            },
-        );
-        backends[idx(t)] = Some(Backend::new(first, tm));
+        cancel.set_backend(idx(t), first.running());
+        let mut first = first;
+        // Pooled, it may carry another session's settings.
+        first.applied_sets = 0;
+        first.reset_due = first.carried != 0;
+        backends[idx(t)] = Some(first);
         Session {
             shared,
             client,
@@ -447,6 +463,7 @@ impl Session {
             database,
             params,
             backends,
+            pools,
             txn: None,
             virtual_failed: false,
             block_lost_unreported: None,
@@ -511,17 +528,14 @@ impl Session {
                 let _ = self.flush_client().await;
             }
         }
-        for b in self.backends.iter_mut().filter_map(Option::take) {
-            if b.pending.is_empty() && b.status == TxStatus::Idle {
-                b.conn.terminate().await;
-            }
-        }
+        self.release_all().await;
         res
     }
 
     async fn run_inner(&mut self) -> Result<(), Error> {
         loop {
             self.flush_client().await?;
+            self.release_idle();
             if self.lsn_due.is_some() && self.copy_in.is_none() {
                 self.send_due_lsn_query().await?;
             }
@@ -1705,15 +1719,17 @@ impl Session {
                 }
             }
         }
-        match self.connect(t).await {
-            Ok(conn) => {
+        let leased = match self.lease(t).await {
+            Ok(b) => Ok(b),
+            Err(lease::LeaseError::Full(f)) => return Err(lease::pool_full(t, &f)),
+            Err(lease::LeaseError::Connect(e)) => Err(e),
+        };
+        match leased {
+            Ok(b) => {
                 if t == Target::Replica {
                     self.replica_retry_at = None;
                 }
-                let tm = self.shared.config.timeouts.for_target(t == Target::Primary);
-                let b = Backend::new(conn, tm);
-                self.cancel.set_backend(idx(t), b.running());
-                self.backends[idx(t)] = Some(b);
+                self.install(t, b);
                 Ok(t)
             }
             Err(BackendError::Refused { code, message, .. })
@@ -1758,6 +1774,8 @@ impl Session {
         }
     }
 
+    /// A connection of the proxy's own outside the pools (to resolve a lost
+    /// commit), logged in as the session's user.
     async fn connect(&self, t: Target) -> Result<BackendConn, BackendError> {
         let cfg = &self.shared.config;
         let addr = match t {
@@ -1789,12 +1807,19 @@ impl Session {
         let Some(b) = self.backends[idx(t)].as_mut() else {
             return Ok(());
         };
-        if b.applied_sets == self.settings_log.len() && !self.stmts.has_zombies(t) {
+        if b.applied_sets == self.settings_log.len() && !self.stmts.has_zombies(t) && !b.reset_due {
             return Ok(());
         }
         let mut lost = false;
         let mut refused = None;
-        let from = b.applied_sets;
+        if std::mem::take(&mut b.reset_due) {
+            // A pooled connection that carries another session's settings.
+            match b.conn.run_silent(lease::RESET).await {
+                Ok(None) => b.applied_sets = 0,
+                Ok(Some(_)) | Err(_) => lost = true,
+            }
+        }
+        let from = if lost { usize::MAX } else { b.applied_sets };
         for (i, sql) in self.settings_log.since(from).iter().enumerate() {
             match b.conn.run_silent(sql).await {
                 Ok(None) => b.applied_sets = from + i + 1,
@@ -2059,7 +2084,7 @@ async fn sleep_until(timer: Option<(Instant, timers::Timer)>) -> timers::Timer {
     }
 }
 
-async fn read_backend(b: &mut Option<Backend>) -> std::io::Result<usize> {
+async fn read_backend(b: &mut Option<Box<Backend>>) -> std::io::Result<usize> {
     match b {
         Some(b) => b.conn.stream.read_buf(&mut b.conn.rbuf).await,
         None => std::future::pending().await,

@@ -167,6 +167,12 @@ impl Statements {
         }
     }
 
+    /// Whether a named statement exists on `t` (the unnamed one is parsed
+    /// again wherever it is needed).
+    pub fn any_named_on(&self, t: Target) -> bool {
+        self.map.values().any(|s| s.on[idx(t)])
+    }
+
     /// A backend connection was replaced: nothing exists on it any more.
     pub fn forget_backend(&mut self, t: Target) {
         for s in self.map.values_mut().chain(self.unnamed.as_mut()) {

@@ -95,7 +95,12 @@ impl Session {
         {
             return false; // served with a warning, by the general path
         }
-        // The replica connection as `ensure` and `prepare_backend` leave it.
+        // The replica connection as `ensure` and `prepare_backend` leave it
+        // (in transaction mode, an idle one of the pool's that carries the
+        // session's settings).
+        if self.backends[REPLICA].is_none() && !self.lease_idle_now(Target::Replica) {
+            return false;
+        }
         let Some(b) = self.backends[REPLICA].as_mut() else {
             return false;
         };
@@ -104,6 +109,7 @@ impl Session {
             .server_lifetime
             .is_some_and(|l| b.opened.elapsed() >= l);
         if expired
+            || b.reset_due
             || b.applied_sets != self.settings_log.len()
             || self.stmts.has_zombies(Target::Replica)
         {

@@ -186,7 +186,12 @@ impl Session {
         };
         // The connection is given up: a block on it can never commit (the
         // server rolls back when the connection closes), and nothing late
-        // from it can be mistaken for a later answer.
+        // from it can be mistaken for a later answer. The pool's idle
+        // connections to that server may sit behind the same dead link: a
+        // lease must not find one and wait out another deadline.
+        for idle in self.shared.pools.get(t).take_all_idle() {
+            drop(idle);
+        }
         self.backend_lost_with(t, Some(cause))
     }
 }

@@ -1,0 +1,408 @@
+//! Server connection pools: many client sessions on few server connections.
+//!
+//! One pool per target, user, database and startup parameters (connections
+//! logged in with other parameters are not interchangeable: `RESET ALL`
+//! returns a connection to its startup values). Every open connection,
+//! idle or leased, counts against its pool's `size` and its target's
+//! `max_server_connections`, so several users cannot use up the server's
+//! `max_connections` between them.
+//!
+//! What is pooled is the session's whole per-connection state
+//! ([`Backend`]: the connection, its read buffer and bookkeeping queues),
+//! so a lease allocates nothing. Idle connections also carry a fingerprint
+//! of the session settings applied on them: a session whose settings match
+//! takes such a connection as it is, any other resets it first (see
+//! `session::lease`). Nothing is reset on return, so an app whose sessions
+//! all set the same things pays nothing per transaction.
+//!
+//! Counting is done by a [`Lease`] that lives inside the pooled
+//! connection: dropping the connection (closing it) gives its room back
+//! and wakes whoever waits for room.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgsplit_router::Target;
+use tokio::sync::Notify;
+
+use crate::config::{Config, PoolSettings};
+use crate::session::Backend;
+
+/// A pool's index within its target.
+pub type PoolId = usize;
+
+/// What makes server connections interchangeable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub user: String,
+    pub database: String,
+    /// The client's startup parameters the servers are logged in with.
+    pub params: Vec<(String, String)>,
+}
+
+/// Both targets' pools.
+pub struct Pools {
+    pub primary: Arc<TargetPools>,
+    pub replica: Arc<TargetPools>,
+}
+
+impl Pools {
+    pub fn new(config: &Config) -> Pools {
+        Pools {
+            primary: TargetPools::new(Target::Primary, config.pool.for_target(true)),
+            replica: TargetPools::new(Target::Replica, config.pool.for_target(false)),
+        }
+    }
+
+    pub fn get(&self, t: Target) -> &Arc<TargetPools> {
+        match t {
+            Target::Primary => &self.primary,
+            Target::Replica => &self.replica,
+        }
+    }
+}
+
+/// Why a checkout failed.
+#[derive(Debug)]
+pub struct PoolFull {
+    pub waited: Duration,
+    pub size: usize,
+}
+
+/// What a checkout found.
+pub(crate) enum Checkout {
+    /// An idle connection (one carrying the session's settings
+    /// fingerprint if the pool had one).
+    Idle(Box<Backend>),
+    /// Room for a new connection, already counted: the caller connects
+    /// and keeps the lease in the new connection (dropping it frees the
+    /// room).
+    Room(Lease),
+}
+
+/// One target's pools.
+pub struct TargetPools {
+    pub target: Target,
+    pub settings: PoolSettings,
+    state: Mutex<State>,
+    /// Signalled when a connection is returned or closed.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    pools: Vec<PoolState>,
+    index: HashMap<PoolKey, PoolId>,
+    /// Open connections over all pools.
+    total: usize,
+}
+
+struct PoolState {
+    key: PoolKey,
+    idle: Vec<Idle>,
+    /// Open connections, idle or leased.
+    open: usize,
+    /// Sessions waiting for a connection now.
+    waiting: usize,
+}
+
+struct Idle {
+    backend: Box<Backend>,
+    since: Instant,
+    fingerprint: u64,
+}
+
+/// Counters of one pool, for `SHOW pgsplit.pools` and `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolRow {
+    pub target: Target,
+    pub user: String,
+    pub database: String,
+    pub size: usize,
+    pub open: usize,
+    pub idle: usize,
+    pub leased: usize,
+    pub waiting: usize,
+}
+
+/// Process-wide pool counters.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    pub opened: AtomicU64,
+    pub closed: AtomicU64,
+    pub leases: AtomicU64,
+    /// Leases that had to wait for room, and how long in all.
+    pub waits: AtomicU64,
+    pub wait_micros: AtomicU64,
+    pub timeouts: AtomicU64,
+}
+
+/// Counts one open connection against its pool; dropped with it.
+pub struct Lease {
+    pools: Arc<TargetPools>,
+    pub id: PoolId,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("id", &self.id).finish()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        {
+            let mut s = self.pools.lock();
+            s.pools[self.id].open -= 1;
+            s.total -= 1;
+        }
+        STATS.closed.fetch_add(1, Relaxed);
+        self.pools.changed.notify_waiters();
+    }
+}
+
+/// The counters of every pool in the process.
+pub static STATS: PoolStats = PoolStats {
+    opened: AtomicU64::new(0),
+    closed: AtomicU64::new(0),
+    leases: AtomicU64::new(0),
+    waits: AtomicU64::new(0),
+    wait_micros: AtomicU64::new(0),
+    timeouts: AtomicU64::new(0),
+};
+
+impl TargetPools {
+    fn new(target: Target, settings: PoolSettings) -> Arc<TargetPools> {
+        Arc::new(TargetPools {
+            target,
+            settings,
+            state: Mutex::default(),
+            changed: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pool for `key`, created on first use.
+    pub fn id(&self, key: &PoolKey) -> PoolId {
+        let mut s = self.lock();
+        if let Some(&id) = s.index.get(key) {
+            return id;
+        }
+        let id = s.pools.len();
+        s.pools.push(PoolState {
+            key: key.clone(),
+            idle: Vec::new(),
+            open: 0,
+            waiting: 0,
+        });
+        s.index.insert(key.clone(), id);
+        id
+    }
+
+    /// Without waiting: the most recently returned idle connection of pool
+    /// `id`, one carrying `fingerprint` if there is one.
+    pub(crate) fn take_idle(&self, id: PoolId, fingerprint: u64) -> Option<Box<Backend>> {
+        let mut s = self.lock();
+        let idle = &mut s.pools[id].idle;
+        let at = idle
+            .iter()
+            .rposition(|i| i.fingerprint == fingerprint)
+            .or_else(|| idle.len().checked_sub(1))?;
+        let i = idle.swap_remove(at);
+        drop(s);
+        STATS.leases.fetch_add(1, Relaxed);
+        Some(i.backend)
+    }
+
+    /// Without waiting: an idle connection of pool `id` carrying exactly
+    /// `fingerprint`.
+    pub(crate) fn take_idle_exact(&self, id: PoolId, fingerprint: u64) -> Option<Box<Backend>> {
+        let mut s = self.lock();
+        let idle = &mut s.pools[id].idle;
+        let at = idle.iter().rposition(|i| i.fingerprint == fingerprint)?;
+        let i = idle.swap_remove(at);
+        drop(s);
+        STATS.leases.fetch_add(1, Relaxed);
+        Some(i.backend)
+    }
+
+    /// Room for one more connection in pool `id`, counted at once; when
+    /// only the target is full, an idle connection of another pool is
+    /// closed to make room (returned, to be dropped outside the lock).
+    fn reserve(self: &Arc<Self>, id: PoolId) -> (Option<Lease>, Option<Box<Backend>>) {
+        let mut s = self.lock();
+        if s.pools[id].open >= self.settings.size {
+            return (None, None);
+        }
+        let mut evicted = None;
+        if s.total >= self.settings.max_server_connections {
+            let victim = s
+                .pools
+                .iter_mut()
+                .filter(|p| !p.idle.is_empty())
+                .min_by_key(|p| p.idle[0].since);
+            match victim {
+                // Its lease frees the room when dropped; the room is taken
+                // here, so it is counted twice until then.
+                Some(p) => evicted = Some(p.idle.remove(0).backend),
+                None => return (None, None),
+            }
+        }
+        s.pools[id].open += 1;
+        s.total += 1;
+        drop(s);
+        STATS.opened.fetch_add(1, Relaxed);
+        STATS.leases.fetch_add(1, Relaxed);
+        let lease = Lease {
+            pools: self.clone(),
+            id,
+        };
+        (Some(lease), evicted)
+    }
+
+    /// An idle connection of pool `id`, or room for a new one, waiting up
+    /// to `checkout_timeout` for either.
+    pub(crate) async fn checkout(
+        self: &Arc<Self>,
+        id: PoolId,
+        fingerprint: u64,
+    ) -> Result<Checkout, PoolFull> {
+        let start = Instant::now();
+        let deadline = start + self.settings.checkout_timeout;
+        let mut counted = false;
+        let res = loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(b) = self.take_idle(id, fingerprint) {
+                break Ok(Checkout::Idle(b));
+            }
+            let (lease, evicted) = self.reserve(id);
+            drop(evicted);
+            if let Some(lease) = lease {
+                break Ok(Checkout::Room(lease));
+            }
+            if !counted {
+                counted = true;
+                self.lock().pools[id].waiting += 1;
+            }
+            let at = tokio::time::Instant::from_std(deadline);
+            if tokio::time::timeout_at(at, changed).await.is_err() {
+                STATS.timeouts.fetch_add(1, Relaxed);
+                break Err(PoolFull {
+                    waited: start.elapsed(),
+                    size: self.settings.size,
+                });
+            }
+        };
+        if counted {
+            self.lock().pools[id].waiting -= 1;
+            STATS.waits.fetch_add(1, Relaxed);
+            let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+            STATS.wait_micros.fetch_add(us, Relaxed);
+        }
+        res
+    }
+
+    /// Every idle connection to this target, taken out to be closed.
+    #[allow(clippy::vec_box)] // boxed as the sessions hold them
+    pub(crate) fn take_all_idle(&self) -> Vec<Box<Backend>> {
+        let mut s = self.lock();
+        s.pools
+            .iter_mut()
+            .flat_map(|p| p.idle.drain(..).map(|i| i.backend))
+            .collect()
+    }
+
+    /// Returns an idle, clean connection to its pool.
+    pub(crate) fn put(&self, backend: Box<Backend>, id: PoolId, fingerprint: u64) {
+        self.lock().pools[id].idle.push(Idle {
+            backend,
+            since: Instant::now(),
+            fingerprint,
+        });
+        self.changed.notify_waiters();
+    }
+
+    /// Idle connections past `idle_timeout` (beyond `min_idle` per pool) or
+    /// past `lifetime`, taken out to be closed.
+    #[allow(clippy::vec_box)] // boxed as the sessions hold them
+    pub(crate) fn expired(
+        &self,
+        idle_timeout: Option<Duration>,
+        lifetime: impl Fn(&Backend) -> bool,
+    ) -> Vec<Box<Backend>> {
+        let mut out = Vec::new();
+        let mut s = self.lock();
+        let keep = self.settings.min_idle;
+        for p in &mut s.pools {
+            let mut i = 0;
+            while i < p.idle.len() {
+                let old = idle_timeout.is_some_and(|t| p.idle[i].since.elapsed() >= t)
+                    && p.idle.len() > keep;
+                if old || lifetime(&p.idle[i].backend) {
+                    out.push(p.idle.remove(i).backend);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// Pools short of `min_idle` idle connections, with how many they
+    /// lack (within their size and the target's cap).
+    pub fn short_of_min_idle(&self) -> Vec<(PoolId, PoolKey, usize)> {
+        let s = self.lock();
+        let mut room = self.settings.max_server_connections.saturating_sub(s.total);
+        let mut out = Vec::new();
+        for (id, p) in s.pools.iter().enumerate() {
+            let want = self
+                .settings
+                .min_idle
+                .saturating_sub(p.idle.len())
+                .min(self.settings.size.saturating_sub(p.open))
+                .min(room);
+            if want > 0 {
+                room -= want;
+                out.push((id, p.key.clone(), want));
+            }
+        }
+        out
+    }
+
+    /// Room for a connection the pool opens itself (to keep `min_idle`).
+    pub fn reserve_for_idle(self: &Arc<Self>, id: PoolId) -> Option<Lease> {
+        let (lease, evicted) = self.reserve(id);
+        drop(evicted);
+        lease
+    }
+
+    /// One row per pool.
+    pub fn rows(&self) -> Vec<PoolRow> {
+        let s = self.lock();
+        s.pools
+            .iter()
+            .map(|p| PoolRow {
+                target: self.target,
+                user: p.key.user.clone(),
+                database: p.key.database.clone(),
+                size: self.settings.size,
+                open: p.open,
+                idle: p.idle.len(),
+                leased: p.open - p.idle.len(),
+                waiting: p.waiting,
+            })
+            .collect()
+    }
+
+    /// Open connections over all pools.
+    pub fn total(&self) -> usize {
+        self.lock().total
+    }
+}

@@ -1,0 +1,256 @@
+//! Pooled server connections: many clients on few server connections,
+//! every session's own settings kept, caps that answer 53300 in time.
+
+use std::time::{Duration, Instant};
+
+use pgsplit_lab::stack::{Stack, StackOptions};
+use pgsplit_lab::Which;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::common::*;
+
+fn stack_set(set: &[&str]) -> Stack {
+    stack_with(StackOptions {
+        set: set.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    })
+}
+
+async fn value(c: &Client, sql: &str) -> String {
+    for m in c
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    {
+        if let SimpleQueryMessage::Row(r) = m {
+            return r.get(0).unwrap_or("NULL").to_owned();
+        }
+    }
+    panic!("no row from {sql}");
+}
+
+/// Client connections of the lab user on a server, counted there, but
+/// for the proxy's monitor (its poll is its last query).
+fn server_connections(s: &Stack, which: Which) -> usize {
+    psql_on(
+        s,
+        which,
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' \
+         AND backend_type = 'client backend' \
+         AND query NOT LIKE 'SELECT pg_current_wal_lsn()::text%' \
+         AND query NOT LIKE 'SELECT pg_is_in_recovery()::text, pg_last_wal_replay_lsn()%'",
+    )
+    .parse()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_share_a_small_pool() {
+    let s = stack_set(&["pool.size=3", "pool.min_idle=0"]);
+    let setup = client(&s).await;
+    setup
+        .batch_execute("CREATE TABLE pooled (n int)")
+        .await
+        .unwrap();
+    drop(setup);
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        clients.push(client(&s).await);
+    }
+    let mut tasks = Vec::new();
+    for (n, c) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            for i in 0..5 {
+                c.execute("INSERT INTO pooled VALUES ($1)", &[&((n * 10 + i) as i32)])
+                    .await
+                    .expect("write through a pool of 3");
+                c.query_one("SELECT count(*) FROM pooled", &[])
+                    .await
+                    .expect("read through a pool of 3");
+            }
+            c
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.unwrap());
+    }
+    // All 30 sessions are still open, on at most 3 connections per server.
+    assert_eq!(on_primary(&s, "SELECT count(*) FROM pooled"), "150");
+    assert!(server_connections(&s, Which::Primary) <= 3);
+    assert!(server_connections(&s, Which::Replica) <= 3);
+    for c in &clients {
+        assert_eq!(value(c, "SELECT 1").await, "1");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_interleaved_on_one_connection_each_see_their_own_settings() {
+    let s = stack_set(&["pool.size=1", "pool.min_idle=0"]);
+    let a = client(&s).await;
+    let b = client(&s).await;
+    a.batch_execute("CREATE SCHEMA sa; CREATE SCHEMA sb")
+        .await
+        .unwrap();
+    caught_up(&s);
+    a.batch_execute("SET search_path = sa; SET application_name = 'client-a'")
+        .await
+        .unwrap();
+    b.batch_execute("SET search_path = sb; SET application_name = 'client-b'")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        for (c, path, app) in [(&a, "sa", "client-a"), (&b, "sb", "client-b")] {
+            assert_eq!(value(c, "SHOW search_path").await, path);
+            assert_eq!(
+                value(c, "SELECT current_setting('application_name')").await,
+                app
+            );
+            // The same statement names in both sessions (tokio-postgres
+            // calls them s0, s1, …): each runs its own.
+            let st = c
+                .prepare("SELECT current_setting('search_path')")
+                .await
+                .unwrap();
+            let got: String = c.query_one(&st, &[]).await.unwrap().get(0);
+            assert_eq!(got, path);
+        }
+    }
+    assert_eq!(server_connections(&s, Which::Replica), 1);
+    // A session that resets sees the server's defaults again.
+    a.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(value(&a, "SHOW search_path").await, "\"$user\", public");
+    assert_eq!(value(&b, "SHOW search_path").await, "sb");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_answers_53300_in_time_and_the_session_goes_on() {
+    let s = stack_set(&[
+        "pool.size=1",
+        "pool.min_idle=0",
+        "pool.checkout_timeout=300ms",
+    ]);
+    let holder = client(&s).await;
+    holder
+        .batch_execute("CREATE TABLE held (n int)")
+        .await
+        .unwrap();
+    // A block holds the only primary connection.
+    holder
+        .batch_execute("BEGIN; INSERT INTO held VALUES (1)")
+        .await
+        .unwrap();
+    let other = client(&s).await;
+    let started = Instant::now();
+    let e = other
+        .batch_execute("INSERT INTO held VALUES (2)")
+        .await
+        .expect_err("no primary connection is free");
+    assert_eq!(code(&e), "53300", "{e}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // Nothing of it was applied, and the session works once there is room.
+    holder.batch_execute("COMMIT").await.unwrap();
+    other
+        .batch_execute("INSERT INTO held VALUES (3)")
+        .await
+        .unwrap();
+    assert_eq!(
+        on_primary(&s, "SELECT string_agg(n::text, ',' ORDER BY n) FROM held"),
+        "1,3"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_hold_the_connection_until_the_state_is_gone() {
+    let s = stack_set(&[
+        "pool.size=1",
+        "pool.min_idle=0",
+        "pool.checkout_timeout=300ms",
+    ]);
+    let a = client(&s).await;
+    let b = client(&s).await;
+    a.batch_execute("CREATE TEMP TABLE mine (x int)")
+        .await
+        .unwrap();
+    // The temporary table pins a's primary connection: b cannot have it.
+    let e = b
+        .batch_execute("CREATE TABLE theirs (x int)")
+        .await
+        .expect_err("the only primary connection is pinned");
+    assert_eq!(code(&e), "53300");
+    a.batch_execute("INSERT INTO mine VALUES (1)")
+        .await
+        .unwrap();
+    a.batch_execute("DROP TABLE mine").await.unwrap();
+    // Released after the pin check, once a's reads are back on the
+    // replica: b gets the connection.
+    back_on_replica(&s, &a).await;
+    b.batch_execute("CREATE TABLE theirs (x int)")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_keeps_a_connection_per_client_and_reuses_it_after() {
+    let s = stack_set(&["pool.mode=session", "pool.min_idle=0"]);
+    let a = client(&s).await;
+    let pid_a = value(&a, "SELECT pg_backend_pid()").await;
+    assert_eq!(value(&a, "SELECT pg_backend_pid()").await, pid_a);
+    a.batch_execute("SET application_name = 'left-behind'")
+        .await
+        .unwrap();
+    drop(a);
+    // The next client gets the same server connection, with none of the
+    // last one's settings.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let b = client(&s).await;
+        if value(&b, "SELECT pg_backend_pid()").await == pid_a {
+            assert_eq!(
+                value(&b, "SELECT current_setting('application_name')").await,
+                ""
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the connection was not reused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_primary_pool_keeps_idle_connections_open_once_used() {
+    let s = stack_set(&["pool.primary.min_idle=2"]);
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE warm (x int)").await.unwrap();
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server_connections(&s, Which::Primary) < 2 {
+        assert!(Instant::now() < deadline, "min_idle connections not opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_cut_while_connections_sit_idle_in_the_pool_is_invisible() {
+    let s = stack_set(&["pool.primary.min_idle=2"]);
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE cut (x int)").await.unwrap();
+    s.tunnel().cut();
+    // While the tunnel is down the write is refused truthfully: 08001,
+    // or 08007 when the reset of an idle connection was not seen before
+    // the write went out on it.
+    let e = c
+        .batch_execute("INSERT INTO cut VALUES (0)")
+        .await
+        .expect_err("the tunnel is cut");
+    assert!(["08001", "08007"].contains(&code(&e).as_str()), "{e}");
+    s.tunnel().restore();
+    // Every idle connection died with the tunnel: the next write gets a
+    // fresh one, never a dead one.
+    c.batch_execute("INSERT INTO cut VALUES (1)")
+        .await
+        .expect("a fresh connection through the restored tunnel");
+    assert_eq!(on_primary(&s, "SELECT count(*) FROM cut"), "1");
+}
