@@ -9,9 +9,12 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::common::*;
 
+/// A stack in transaction mode, with `set` on top.
 fn stack_set(set: &[&str]) -> Stack {
+    let mut all = vec!["pool.mode=transaction".to_owned()];
+    all.extend(set.iter().map(|s| (*s).to_owned()));
     stack_with(StackOptions {
-        set: set.iter().map(|s| (*s).to_owned()).collect(),
+        set: all,
         ..Default::default()
     })
 }

@@ -106,6 +106,9 @@ struct PoolState {
     open: usize,
     /// Sessions waiting for a connection now.
     waiting: usize,
+    /// A session leased from it since it was last emptied: only warm
+    /// pools are kept at `min_idle` (a pool of a dropped database is not).
+    warm: bool,
 }
 
 struct Idle {
@@ -199,6 +202,7 @@ impl TargetPools {
             idle: Vec::new(),
             open: 0,
             waiting: 0,
+            warm: false,
         });
         s.index.insert(key.clone(), id);
         id
@@ -309,14 +313,25 @@ impl TargetPools {
         res
     }
 
-    /// Every idle connection to this target, taken out to be closed.
+    /// Every idle connection to this target, taken out to be closed; the
+    /// pools are not refilled until a session uses them again (a database
+    /// about to be dropped or renamed must not be held open).
     #[allow(clippy::vec_box)] // boxed as the sessions hold them
     pub(crate) fn take_all_idle(&self) -> Vec<Box<Backend>> {
         let mut s = self.lock();
         s.pools
             .iter_mut()
-            .flat_map(|p| p.idle.drain(..).map(|i| i.backend))
+            .flat_map(|p| {
+                p.warm = false;
+                p.idle.drain(..).map(|i| i.backend)
+            })
             .collect()
+    }
+
+    /// Pool `id` is not to be refilled until a session uses it (its
+    /// database refused a connection).
+    pub(crate) fn cool(&self, id: PoolId) {
+        self.lock().pools[id].warm = false;
     }
 
     /// Returns an idle, clean connection to its pool.
@@ -361,7 +376,7 @@ impl TargetPools {
         let s = self.lock();
         let mut room = self.settings.max_server_connections.saturating_sub(s.total);
         let mut out = Vec::new();
-        for (id, p) in s.pools.iter().enumerate() {
+        for (id, p) in s.pools.iter().enumerate().filter(|(_, p)| p.warm) {
             let want = self
                 .settings
                 .min_idle

@@ -235,6 +235,24 @@ impl Session {
         self.shared.pools.get(t).put(b, id, fp);
     }
 
+    /// Before a statement that needs a database free of other connections
+    /// (`DROP DATABASE`, `ALTER DATABASE … RENAME`, `CREATE DATABASE …
+    /// TEMPLATE`): the pools' idle connections are closed, so pgsplit never
+    /// holds a database open that its client wants to drop.
+    pub(super) fn close_idle_for_database_ddl(&mut self, sql: &str) {
+        let head = sql.trim_start().get(..20).unwrap_or(sql);
+        let lower = head.to_ascii_lowercase();
+        let ddl = ["drop", "alter", "create"]
+            .iter()
+            .any(|w| lower.starts_with(w))
+            && lower.contains("database");
+        if ddl {
+            for t in [Target::Primary, Target::Replica] {
+                drop(self.shared.pools.get(t).take_all_idle());
+            }
+        }
+    }
+
     /// In transaction mode: returns every connection the session is not
     /// using to its pool.
     pub(super) fn release_idle(&mut self) {
@@ -321,6 +339,9 @@ pub(crate) async fn maintain(
                         }
                         Err(e) => {
                             debug!(target = ?t, cause = %e, "opening an idle pool connection failed");
+                            if matches!(e, BackendError::Refused { .. }) {
+                                pools.cool(id);
+                            }
                             break;
                         }
                     }

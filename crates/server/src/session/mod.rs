@@ -1039,6 +1039,9 @@ impl Session {
             }
         }
         self.unbind_soft_for(&class).await?;
+        if class.kind == StmtKind::Write {
+            self.close_idle_for_database_ddl(sql);
+        }
         let fx = effects::of_query(sql, &class);
         if (self.pinned || class.kind == StmtKind::Pin) && effects::may_unpin(sql) {
             self.releasing = true;
