@@ -107,17 +107,7 @@ fn language(lang: &str) {
     }
 
     let stack = Stack::start(StackOptions {
-        set: vec![
-            READ_YOUR_WRITES_OFF.to_owned(),
-            WRAPPED_WRITES.to_owned(),
-            // The suites check where statements ran. The replica's lag is
-            // still measured as the age of its last replayed transaction,
-            // which after a quiet spell (pooled connections flush their
-            // statistics only when idle for 10 s) overstates it and sends
-            // reads to the primary as stale; until that measure is fixed,
-            // the bound is kept out of the way.
-            "routing.max_replica_lag=60s".to_owned(),
-        ],
+        set: vec![READ_YOUR_WRITES_OFF.to_owned(), WRAPPED_WRITES.to_owned()],
         ..StackOptions::default()
     })
     .expect("lab stack starts");

@@ -586,3 +586,39 @@ async fn an_extended_read_the_replica_refuses_runs_on_the_primary_once() {
         .get(0);
     assert_eq!(n, 5, "every write happened exactly once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_spell_before_a_write_is_not_replica_lag() {
+    // The replica replays 1.5 s late; the staleness bound is 4 s. After a
+    // quiet spell longer than the bound, the first write must not make
+    // the replica look as stale as the spell was long.
+    let s = lagging_stack("1500ms", &["routing.max_replica_lag=4s"]);
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE quiet (x int)").await.unwrap();
+    caught_up(&s);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let reader = client(&s).await;
+    c.batch_execute("INSERT INTO quiet VALUES (1)")
+        .await
+        .unwrap();
+    let mut worst = 0;
+    for _ in 0..15 {
+        let lag = show(&reader, "pgsplit.replica_lag").await;
+        let ms: u64 = lag
+            .strip_suffix("ms")
+            .unwrap_or_else(|| panic!("lag {lag}"))
+            .parse()
+            .unwrap();
+        worst = worst.max(ms);
+        // A session that never wrote reads from the replica all along.
+        assert_eq!(
+            port_of(&reader, "SELECT inet_server_port()").await,
+            replica_port(&s),
+            "lag {lag}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(worst < 3_000, "reported lag {worst} ms for a 1.5 s delay");
+    // The write shows up on the replica once replayed, and the lag drops.
+    caught_up(&s);
+}

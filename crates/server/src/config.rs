@@ -207,9 +207,9 @@ pub enum PoolMode {
     /// A connection is leased for one cycle (an autocommit statement, a
     /// batch up to Sync, a whole block) and returned when the server is
     /// idle and nothing pins it.
+    #[default]
     Transaction,
     /// A connection is leased until the client leaves, then returned.
-    #[default]
     Session,
 }
 
@@ -249,7 +249,7 @@ pub struct TargetPool {
 impl Default for Pool {
     fn default() -> Self {
         Pool {
-            mode: PoolMode::Session,
+            mode: PoolMode::Transaction,
             size: 20,
             max_server_connections: 50,
             min_idle: None,

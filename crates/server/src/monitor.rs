@@ -20,8 +20,7 @@ use crate::replication::{parse_lsn, ReplicaPoll};
 use crate::Shared;
 
 const PRIMARY_POLL: &str = "SELECT pg_current_wal_lsn()::text";
-const REPLICA_POLL: &str = "SELECT pg_is_in_recovery()::text, pg_last_wal_replay_lsn()::text, \
-     (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint::text";
+const REPLICA_POLL: &str = "SELECT pg_is_in_recovery()::text, pg_last_wal_replay_lsn()::text";
 
 /// Runs until `shutdown`.
 pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
@@ -70,7 +69,6 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             ReplicaPoll {
                 in_recovery: col(0).as_deref() == Some("true"),
                 replay_lsn: col(1).and_then(|s| parse_lsn(&s)),
-                replay_age_ms: col(2).and_then(|s| s.parse().ok()),
             }
         }));
     }

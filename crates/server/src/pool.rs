@@ -91,8 +91,15 @@ pub struct TargetPools {
     changed: Notify,
 }
 
+/// How long connections returned after [`TargetPools::take_all_idle`] are
+/// closed rather than kept: as long as `DROP DATABASE` waits for other
+/// sessions of the database to end.
+const QUIET_AFTER_CLOSE: Duration = Duration::from_secs(5);
+
 #[derive(Default)]
 struct State {
+    /// Until then, returned connections are closed (see `take_all_idle`).
+    closing_until: Option<Instant>,
     pools: Vec<PoolState>,
     index: HashMap<PoolKey, PoolId>,
     /// Open connections over all pools.
@@ -276,6 +283,7 @@ impl TargetPools {
         id: PoolId,
         fingerprint: u64,
     ) -> Result<Checkout, PoolFull> {
+        self.lock().pools[id].warm = true;
         let start = Instant::now();
         let deadline = start + self.settings.checkout_timeout;
         let mut counted = false;
@@ -319,6 +327,7 @@ impl TargetPools {
     #[allow(clippy::vec_box)] // boxed as the sessions hold them
     pub(crate) fn take_all_idle(&self) -> Vec<Box<Backend>> {
         let mut s = self.lock();
+        s.closing_until = Some(Instant::now() + QUIET_AFTER_CLOSE);
         s.pools
             .iter_mut()
             .flat_map(|p| {
@@ -336,11 +345,20 @@ impl TargetPools {
 
     /// Returns an idle, clean connection to its pool.
     pub(crate) fn put(&self, backend: Box<Backend>, id: PoolId, fingerprint: u64) {
-        self.lock().pools[id].idle.push(Idle {
+        let mut s = self.lock();
+        let now = Instant::now();
+        if s.closing_until.is_some_and(|t| now < t) {
+            // Closed (outside the lock): a database may be being dropped.
+            drop(s);
+            drop(backend);
+            return;
+        }
+        s.pools[id].idle.push(Idle {
             backend,
-            since: Instant::now(),
+            since: now,
             fingerprint,
         });
+        drop(s);
         self.changed.notify_waiters();
     }
 

@@ -24,9 +24,8 @@ pub struct Replication {
     replica_replaying: AtomicBool,
     /// Completed replica polls; 0 until the first one.
     replica_polls: AtomicU64,
-    /// Since when the replica has been seen behind the primary without a
-    /// replayed transaction to date its position by (monitor only).
-    behind_since: Mutex<Option<Instant>>,
+    /// When the primary's WAL positions were first seen (monitor only).
+    seen: Mutex<Seen>,
     /// Sessions may rely on it (false when no monitor runs).
     enabled: AtomicBool,
     /// Whether the primary link is up, for sessions waiting on it: a
@@ -44,10 +43,64 @@ impl Default for Replication {
             replica_up: AtomicBool::new(true),
             replica_replaying: AtomicBool::new(true),
             replica_polls: AtomicU64::new(0),
-            behind_since: Mutex::new(None),
+            seen: Mutex::new(Seen::default()),
             enabled: AtomicBool::new(false),
             link: tokio::sync::watch::Sender::new(true),
         }
+    }
+}
+
+/// How many primary positions [`Seen`] keeps: at a 100 ms poll, 25 s of
+/// writes without merging.
+const SEEN_CAPACITY: usize = 256;
+
+/// When each of the primary's WAL positions was first seen, oldest first,
+/// for the replica's lag: the age of the oldest data it has not replayed.
+///
+/// The lag is `now` minus the first-seen time of the earliest sampled
+/// position beyond the replica's replay position, and 0 when it has
+/// replayed all the primary wrote. A quiet spell never counts (a position
+/// is dated when it appears, not by the last transaction replayed before
+/// it), and the lag is understated by at most one poll interval. When the
+/// ring is full the newest entry takes the new position and keeps its
+/// older time: that can only overstate, where dropping old entries would
+/// understate without bound.
+#[derive(Debug, Default)]
+struct Seen {
+    ring: std::collections::VecDeque<(u64, Instant)>,
+    /// The last time the primary answered a poll.
+    last_sample: Option<Instant>,
+}
+
+impl Seen {
+    fn sample(&mut self, lsn: u64, now: Instant) {
+        self.last_sample = Some(now);
+        let full = self.ring.len() >= SEEN_CAPACITY;
+        match self.ring.back_mut() {
+            Some((last, _)) if lsn <= *last => {}
+            Some((last, _)) if full => *last = lsn,
+            _ => self.ring.push_back((lsn, now)),
+        }
+    }
+
+    /// The lag of a replica that replayed up to `replayed`, with the
+    /// primary `up` or not; `None` before the primary was ever sampled.
+    fn lag(&mut self, replayed: u64, up: bool, now: Instant) -> Option<Duration> {
+        let last_sample = self.last_sample?;
+        while self.ring.front().is_some_and(|(l, _)| *l <= replayed) {
+            self.ring.pop_front();
+        }
+        let behind = self
+            .ring
+            .front()
+            .map_or(Duration::ZERO, |(_, t)| now.saturating_duration_since(*t));
+        Some(if up {
+            behind
+        } else {
+            // The replica may have replayed all it received, but nothing
+            // says what the primary wrote since it last answered.
+            behind.max(now.saturating_duration_since(last_sample))
+        })
     }
 }
 
@@ -142,9 +195,17 @@ impl Replication {
     /// reached; `silent` when that was for want of an answer (a black-holed
     /// link) rather than a refused or reset connection.
     pub(crate) fn set_primary(&self, lsn: Option<u64>, silent: bool) {
+        self.set_primary_at(lsn, silent, Instant::now());
+    }
+
+    fn set_primary_at(&self, lsn: Option<u64>, silent: bool, now: Instant) {
         let up = lsn.is_some();
         if let Some(l) = lsn {
             self.primary_lsn.fetch_max(l, Relaxed);
+            self.seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .sample(l, now);
         }
         self.primary_up.store(up, Relaxed);
         // Only a silent link makes sessions fail fast: a refused connect
@@ -166,19 +227,17 @@ impl Replication {
     }
 
     /// One replica poll: `None` when it could not be reached, else whether
-    /// it is in recovery, its replay position and the age of the last
-    /// transaction it replayed.
+    /// it is in recovery and its replay position.
     pub(crate) fn set_replica(&self, poll: Option<ReplicaPoll>) {
         self.set_replica_at(poll, Instant::now());
     }
 
     fn set_replica_at(&self, poll: Option<ReplicaPoll>, now: Instant) {
-        let mut behind_since = self.behind_since.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         match poll {
             None => {
                 self.replica_up.store(false, Relaxed);
                 self.lag_ms.store(-1, Relaxed);
-                *behind_since = None;
             }
             Some(p) => {
                 self.replica_up.store(true, Relaxed);
@@ -187,31 +246,10 @@ impl Replication {
                 if let Some(l) = p.replay_lsn {
                     self.replay_lsn.store(l, Relaxed);
                 }
-                // An idle primary is not a lagging replica: all written is
-                // replayed, however old the last transaction is.
-                let caught_up = match (self.primary_lsn(), p.replay_lsn) {
-                    (Some(pl), Some(rl)) => rl >= pl,
-                    _ => false,
-                };
-                let behind = !caught_up && p.replay_lsn.is_some() && self.primary_lsn().is_some();
-                // Until the replica replays a transaction (right after it
-                // starts) nothing dates its position; the time it has been
-                // seen behind is then a lower bound of its lag, which never
-                // overstates it and grows while it stays behind.
-                let since = match (behind, p.replay_age_ms) {
-                    (true, None) => Some(*behind_since.get_or_insert(now)),
-                    _ => None,
-                };
-                *behind_since = since;
-                let lag = if caught_up {
-                    0
-                } else if let Some(age) = p.replay_age_ms {
-                    age.max(0)
-                } else if let Some(t) = since {
-                    i64::try_from(now.duration_since(t).as_millis()).unwrap_or(i64::MAX)
-                } else {
-                    -1
-                };
+                let lag = p
+                    .replay_lsn
+                    .and_then(|r| seen.lag(r, self.primary_up(), now))
+                    .map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
                 self.lag_ms.store(lag, Relaxed);
             }
         }
@@ -224,7 +262,6 @@ impl Replication {
 pub(crate) struct ReplicaPoll {
     pub in_recovery: bool,
     pub replay_lsn: Option<u64>,
-    pub replay_age_ms: Option<i64>,
 }
 
 /// Formats a WAL position as PostgreSQL does (`16/B374D848`).
@@ -255,11 +292,10 @@ mod tests {
         }
     }
 
-    fn poll(replay: u64, age: Option<i64>) -> Option<ReplicaPoll> {
+    fn poll(replay: u64, _replayed_xact_age_ms: Option<i64>) -> Option<ReplicaPoll> {
         Some(ReplicaPoll {
             in_recovery: true,
             replay_lsn: Some(replay),
-            replay_age_ms: age,
         })
     }
 
@@ -267,12 +303,14 @@ mod tests {
     fn an_idle_primary_is_not_a_lagging_replica() {
         let r = Replication::default();
         r.enable();
-        r.set_primary(Some(100), false);
-        r.set_replica(poll(100, Some(60_000)));
+        let t0 = Instant::now();
+        r.set_primary_at(Some(100), false, t0);
+        r.set_replica_at(poll(100, Some(60_000)), t0);
         assert_eq!(r.lag_ms(), Some(0));
         assert_eq!(r.stale(Duration::from_secs(5)), None);
-        r.set_primary(Some(200), false);
-        r.set_replica(poll(150, Some(7_000)));
+        let t1 = t0 + Duration::from_secs(1);
+        r.set_primary_at(Some(200), false, t1);
+        r.set_replica_at(poll(150, Some(7_000)), t1 + Duration::from_secs(7));
         assert_eq!(r.lag_ms(), Some(7_000));
         assert_eq!(r.lag_bytes(), Some(50));
         assert_eq!(r.stale(Duration::from_secs(5)), Some(Stale::Lagging(7_000)));
@@ -280,34 +318,84 @@ mod tests {
     }
 
     #[test]
-    fn a_replica_behind_with_nothing_replayed_yet_has_a_growing_lag() {
+    fn a_quiet_spell_is_not_lag() {
         let r = Replication::default();
         r.enable();
         let t0 = Instant::now();
-        r.set_primary(Some(200), false);
+        r.set_primary_at(Some(100), false, t0);
         r.set_replica_at(poll(100, None), t0);
-        assert_eq!(r.lag_ms(), Some(0), "first seen behind");
-        r.set_replica_at(poll(150, None), t0 + Duration::from_millis(700));
-        assert_eq!(r.lag_ms(), Some(700));
-        assert_eq!(
-            r.stale(Duration::from_millis(500)),
-            Some(Stale::Lagging(700))
+        // 12 s without writes, then one: the replica, 1.5 s behind, is
+        // not 12 s stale, whatever the age of its last replayed xact.
+        let write = t0 + Duration::from_secs(12);
+        r.set_primary_at(Some(100), false, write - Duration::from_millis(100));
+        r.set_primary_at(Some(180), false, write);
+        r.set_replica_at(poll(100, Some(12_000)), write + Duration::from_millis(100));
+        assert_eq!(r.lag_ms(), Some(100));
+        r.set_replica_at(
+            poll(100, Some(12_000)),
+            write + Duration::from_millis(1_500),
         );
-        // A replayed transaction dates the position from then on.
-        r.set_replica_at(poll(180, Some(40)), t0 + Duration::from_millis(800));
-        assert_eq!(r.lag_ms(), Some(40));
-        r.set_replica_at(poll(190, None), t0 + Duration::from_millis(900));
-        assert_eq!(r.lag_ms(), Some(0), "behind again: measured afresh");
-        // Caught up: nothing to date.
-        r.set_replica_at(poll(200, None), t0 + Duration::from_millis(1000));
+        assert_eq!(r.lag_ms(), Some(1_500));
+        assert_eq!(r.stale(Duration::from_secs(5)), None);
+        r.set_replica_at(poll(180, Some(0)), write + Duration::from_millis(1_600));
         assert_eq!(r.lag_ms(), Some(0));
-        assert_eq!(r.stale(Duration::ZERO), None);
-        // No primary position known: unknown, not stale.
+    }
+
+    #[test]
+    fn the_lag_dates_the_oldest_unreplayed_position() {
+        let r = Replication::default();
+        r.enable();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        for (i, lsn) in [100, 200, 300, 400].into_iter().enumerate() {
+            r.set_primary_at(Some(lsn), false, t0 + ms(100 * i as u64));
+        }
+        // Replayed into the second sample's range: dated by the second.
+        r.set_replica_at(poll(150, None), t0 + ms(1_000));
+        assert_eq!(r.lag_ms(), Some(900));
+        r.set_replica_at(poll(300, None), t0 + ms(1_000));
+        assert_eq!(r.lag_ms(), Some(700));
+        r.set_replica_at(poll(400, None), t0 + ms(1_000));
+        assert_eq!(r.lag_ms(), Some(0));
+        // No primary sample yet: unknown, not stale.
         let r = Replication::default();
         r.enable();
         r.set_replica_at(poll(100, None), t0);
         assert_eq!(r.lag_ms(), None);
         assert_eq!(r.stale(Duration::ZERO), None);
+    }
+
+    #[test]
+    fn a_full_ring_overstates_rather_than_understates() {
+        let r = Replication::default();
+        r.enable();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        for i in 0..(SEEN_CAPACITY as u64 + 100) {
+            r.set_primary_at(Some(100 + i), false, t0 + ms(i));
+        }
+        // The oldest positions are kept with their times.
+        r.set_replica_at(poll(100, None), t0 + ms(10_000));
+        assert_eq!(r.lag_ms(), Some(10_000 - 1));
+        // Past the last kept entry, the merged newest entry dates it by its
+        // own (older) time: overstated, never understated.
+        r.set_replica_at(poll(100 + SEEN_CAPACITY as u64 + 50, None), t0 + ms(10_000));
+        let lag = r.lag_ms().unwrap();
+        assert!(lag >= 10_000 - (SEEN_CAPACITY as u64 + 99), "{lag}");
+    }
+
+    #[test]
+    fn an_unreachable_primary_makes_the_lag_grow() {
+        let r = Replication::default();
+        r.enable();
+        let t0 = Instant::now();
+        r.set_primary_at(Some(100), false, t0);
+        r.set_replica_at(poll(100, None), t0);
+        assert_eq!(r.lag_ms(), Some(0));
+        r.set_primary_at(None, true, t0 + Duration::from_secs(3));
+        r.set_replica_at(poll(100, None), t0 + Duration::from_secs(6));
+        assert_eq!(r.lag_ms(), Some(6_000));
+        assert_eq!(r.stale(Duration::from_secs(5)), Some(Stale::Lagging(6_000)));
     }
 
     #[test]
@@ -321,7 +409,6 @@ mod tests {
         r.set_replica(Some(ReplicaPoll {
             in_recovery: true,
             replay_lsn: None,
-            replay_age_ms: None,
         }));
         assert_eq!(r.stale(Duration::from_secs(5)), Some(Stale::NotReplaying));
         r.set_primary(None, false);

@@ -138,6 +138,22 @@ impl Stream {
             Stream::Unix(s) => s.try_read_buf(buf),
         }
     }
+
+    /// Asks the kernel, not the runtime's cached readiness, whether the
+    /// peer closed or reset this TCP connection. A pooled connection may
+    /// be registered with another worker's runtime, which has not
+    /// necessarily seen the reset yet.
+    pub fn peer_gone(&self) -> bool {
+        let Stream::Tcp(s) = self else {
+            return false;
+        };
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        match socket2::SockRef::from(s).peek(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        }
+    }
 }
 
 impl AsyncRead for Stream {

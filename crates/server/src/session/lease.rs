@@ -78,7 +78,7 @@ pub(crate) async fn checkout(
         match pools.checkout(id, fingerprint).await {
             Err(full) => return Err(LeaseError::Full(full)),
             Ok(Checkout::Idle(mut b)) => {
-                if b.conn.is_closed_while_idle() {
+                if b.conn.is_closed_while_idle() || b.conn.stream.peer_gone() {
                     debug!(target = ?t, "pooled connection found closed; replacing it");
                     continue;
                 }
@@ -166,7 +166,7 @@ impl Session {
         let Some(mut b) = pools.take_idle_exact(self.pools[idx(t)], fp) else {
             return false;
         };
-        if b.conn.is_closed_while_idle() {
+        if b.conn.is_closed_while_idle() || b.conn.stream.peer_gone() {
             return false; // dropped: the general path opens another
         }
         self.adopt(&mut b, fp);
@@ -240,12 +240,11 @@ impl Session {
     /// TEMPLATE`): the pools' idle connections are closed, so pgsplit never
     /// holds a database open that its client wants to drop.
     pub(super) fn close_idle_for_database_ddl(&mut self, sql: &str) {
-        let head = sql.trim_start().get(..20).unwrap_or(sql);
-        let lower = head.to_ascii_lowercase();
-        let ddl = ["drop", "alter", "create"]
-            .iter()
-            .any(|w| lower.starts_with(w))
-            && lower.contains("database");
+        let head = sql.trim_start().as_bytes();
+        let head = &head[..head.len().min(24)];
+        let starts = |w: &[u8]| head.len() >= w.len() && head[..w.len()].eq_ignore_ascii_case(w);
+        let ddl = (starts(b"drop") || starts(b"alter") || starts(b"create"))
+            && head.windows(8).any(|w| w.eq_ignore_ascii_case(b"database"));
         if ddl {
             for t in [Target::Primary, Target::Replica] {
                 drop(self.shared.pools.get(t).take_all_idle());

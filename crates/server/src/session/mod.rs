@@ -774,6 +774,9 @@ impl Session {
                 if class.kind == StmtKind::Pin && effects::sticky_pin(sql) {
                     self.pin_sticky = true;
                 }
+                if class.kind == StmtKind::Write {
+                    self.close_idle_for_database_ddl(sql);
+                }
                 self.shared.stats.count_class(class);
                 self.batch.add_class(*class);
             }
