@@ -268,7 +268,9 @@ async fn a_database_its_clients_left_can_be_dropped_at_once() {
             .await
             .unwrap();
         caught_up(&s);
-        let url = s.conn_string().replace("dbname=app", &format!("dbname={db}"));
+        let url = s
+            .conn_string()
+            .replace("dbname=app", &format!("dbname={db}"));
         let c = connect(&url).await.unwrap();
         c.batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
             .await

@@ -267,3 +267,63 @@ async fn login_right_after_create_database_starts_on_the_primary() {
     };
     assert_eq!(code(&e), "3D000");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writable_session_reads_server_state_as_the_primary() {
+    let s = lagging_superuser_stack("0");
+    let c = client(&s).await;
+    for (sql, want) in [
+        ("select count(*) = 0 from pg_stat_wal_receiver", "t"),
+        ("SELECT pg_is_in_recovery()", "f"),
+        ("SHOW transaction_read_only", "off"),
+        ("SELECT current_setting('transaction_read_only')", "off"),
+        ("SELECT count(*) > 0 FROM pg_stat_replication", "t"),
+    ] {
+        assert_eq!(row(&c, sql).await, [want], "{sql}");
+    }
+    assert_eq!(
+        row(&c, "SELECT inet_server_port()").await,
+        [replica_port(&s).to_string()],
+        "other reads stay on the replica"
+    );
+    // A read-only block on the replica is read-only, and says so.
+    c.batch_execute("BEGIN READ ONLY").await.unwrap();
+    assert_eq!(row(&c, "SHOW transaction_read_only").await, ["on"]);
+    c.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_failed_statement_committed_is_read_back() {
+    let s = lagging_superuser_stack("1500ms");
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE dup (x int); INSERT INTO dup VALUES (1), (1)")
+        .await
+        .unwrap();
+    caught_up(&s);
+    // Fails on the duplicate after committing an invalid index.
+    let e = c
+        .batch_execute("CREATE UNIQUE INDEX CONCURRENTLY dup_x ON dup (x)")
+        .await
+        .expect_err("duplicate keys");
+    assert_eq!(code(&e), "23505");
+    assert_eq!(
+        row(
+            &c,
+            "SELECT count(*) FROM pg_class WHERE relname = 'dup_x' AND relkind = 'i'"
+        )
+        .await,
+        ["1"],
+        "the invalid index the failed statement left"
+    );
+    caught_up(&s);
+    // A Query whose first part commits and whose last part fails.
+    let e = c
+        .batch_execute("CREATE TABLE half (x int); COMMIT; SELECT 1/0")
+        .await
+        .expect_err("division by zero");
+    assert_eq!(code(&e), "22012");
+    assert_eq!(
+        row(&c, "SELECT count(*) FROM pg_class WHERE relname = 'half'").await,
+        ["1"]
+    );
+}

@@ -131,6 +131,12 @@ impl Classifier {
         if class.kind == StmtKind::Read && self.learned_write(sql) {
             class.kind = StmtKind::Write;
         }
+        if class.kind == StmtKind::Read
+            && class.hint.is_none()
+            && crate::server_state::mentions_server_state(sql)
+        {
+            class.hint = Some(crate::Target::Primary);
+        }
         class
     }
 

@@ -29,6 +29,11 @@
 //!   replication slots and origins, `pg_logical_emit_message`,
 //!   `pg_stat_reset*`;
 //! - large objects (`lo_create`, `lo_open`, `lo_write`, …) and `dblink_exec`;
+//! - index maintenance that writes (`gin_clean_pending_list`,
+//!   `brin_summarize_*`, `brin_desummarize_range`), and the standby
+//!   controls `pg_promote`, `pg_wal_replay_pause`/`_resume` (sent to the
+//!   primary, which refuses them as a single server not in recovery would:
+//!   a client of pgsplit must never promote or pause the replica);
 //! - `set_config(name, value, is_local)`: with `is_local` literally `true`
 //!   it only affects the current transaction; with string literals and
 //!   `false` it is a session setting the proxy replays like `SET` (Django
@@ -94,8 +99,12 @@ impl Effect {
 
 /// Built-in functions by exact lower-case name, sorted for binary search.
 const BUILTIN: &[(&str, Effect)] = &[
+    ("brin_desummarize_range", Effect::Write),
+    ("brin_summarize_new_values", Effect::Write),
+    ("brin_summarize_range", Effect::Write),
     ("currval", Effect::Write),
     ("dblink_exec", Effect::Write),
+    ("gin_clean_pending_list", Effect::Write),
     ("lastval", Effect::Write),
     ("lo_creat", Effect::Write),
     ("lo_create", Effect::Write),
@@ -127,6 +136,7 @@ const BUILTIN: &[(&str, Effect)] = &[
     ("pg_drop_replication_slot", Effect::Write),
     ("pg_logical_emit_message", Effect::Write),
     ("pg_notify", Effect::Write),
+    ("pg_promote", Effect::Write),
     ("pg_replication_slot_advance", Effect::Write),
     ("pg_start_backup", Effect::Write),
     ("pg_stop_backup", Effect::Write),
@@ -135,6 +145,8 @@ const BUILTIN: &[(&str, Effect)] = &[
     ("pg_try_advisory_lock_shared", Effect::Pin),
     ("pg_try_advisory_xact_lock", Effect::Write),
     ("pg_try_advisory_xact_lock_shared", Effect::Write),
+    ("pg_wal_replay_pause", Effect::Write),
+    ("pg_wal_replay_resume", Effect::Write),
     ("set_config", Effect::SetConfig),
     ("setval", Effect::Write),
     ("txid_current", Effect::Write),

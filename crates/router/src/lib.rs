@@ -39,6 +39,7 @@ pub mod deep;
 pub mod functions;
 pub mod lexer;
 pub mod route;
+pub mod server_state;
 pub mod shape;
 
 #[cfg(any(test, feature = "corpus"))]

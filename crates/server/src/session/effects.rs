@@ -201,6 +201,33 @@ pub(super) fn wrappable_write(sql: &str) -> bool {
         .is_some_and(|t| DML.iter().any(|k| t.is_keyword(k)))
 }
 
+/// Whether a statement may commit work of its own before it fails, so
+/// that an error does not mean nothing of it was committed: `CONCURRENTLY`
+/// index builds and drops (an invalid index stays), `REINDEX` and `DETACH
+/// PARTITION … CONCURRENTLY`, `VACUUM` (one transaction per table),
+/// `CREATE`/`DROP DATABASE`, `CALL` (a procedure may commit), and `COMMIT`
+/// itself. After such a statement fails, the session still learns the WAL
+/// position, so its next catalog read does not miss what did commit.
+pub(super) fn commits_on_its_own(sql: &str) -> bool {
+    const FIRST: &[&str] = &["vacuum", "call", "commit", "end", "reindex"];
+    let mut words = Lexer::new(sql);
+    let Some(first) = words.next() else {
+        return false;
+    };
+    if FIRST.iter().any(|k| first.is_keyword(k)) {
+        return true;
+    }
+    let database =
+        |t: Option<pgsplit_router::lexer::Token<'_>>| t.is_some_and(|t| t.is_keyword("database"));
+    if (first.is_keyword("create") || first.is_keyword("drop")) && database(words.next()) {
+        return true;
+    }
+    // A false match only learns a WAL position for nothing.
+    sql.as_bytes()
+        .windows(12)
+        .any(|w| w.eq_ignore_ascii_case(b"concurrently"))
+}
+
 /// Whether `sql` runs a COPY (in any of its statements).
 pub(super) fn has_copy(sql: &str) -> bool {
     if !mentions_copy(sql) {
@@ -247,6 +274,33 @@ pub(super) fn may_unpin(sql: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::commits_on_its_own;
+
+    #[test]
+    fn statements_that_commit_before_they_fail() {
+        for sql in [
+            "CREATE INDEX CONCURRENTLY i ON t (x)",
+            "drop index concurrently i",
+            "REINDEX TABLE CONCURRENTLY t",
+            "ALTER TABLE p DETACH PARTITION c CONCURRENTLY",
+            "VACUUM t",
+            "CALL proc()",
+            "COMMIT",
+            "create database d",
+            "DROP DATABASE d",
+        ] {
+            assert!(commits_on_its_own(sql), "{sql}");
+        }
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            "CREATE INDEX i ON t (x)",
+            "UPDATE t SET x = 1",
+            "",
+        ] {
+            assert!(!commits_on_its_own(sql), "{sql}");
+        }
+    }
+
     use super::*;
     use pgsplit_router::{Classifier, ClassifierConfig};
 

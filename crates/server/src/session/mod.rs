@@ -1097,6 +1097,7 @@ impl Session {
             Pending {
                 wrapped: wrap,
                 writes: writes && !wrap,
+                single: class.statements <= 1 && !(writes && effects::commits_on_its_own(sql)),
                 ..Pending::client(seq, false, &class, writes, copy, retryable)
             },
         );
