@@ -163,7 +163,13 @@ async fn the_proxy_answers_its_own_variables() {
         .await
         .unwrap();
     assert_eq!(show(&c, "pgsplit.max_staleness").await, "5s");
-    let lag = show(&c, "pgsplit.replica_lag").await;
+    // Unknown only until the monitor has polled both servers once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut lag = show(&c, "pgsplit.replica_lag").await;
+    while lag == "unknown" && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        lag = show(&c, "pgsplit.replica_lag").await;
+    }
     assert!(lag.ends_with("ms"), "{lag}");
 
     for (sql, want) in [

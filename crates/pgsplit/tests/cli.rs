@@ -93,7 +93,12 @@ fn lab_starts_serves_and_cleans_up_on_ctrl_c() {
     );
     let bins = pgsplit_lab::PgBinaries::locate().unwrap();
     let out = Command::new(bins.tool("psql"))
-        .args([url.as_str(), "-XAt", "-c", "SELECT pg_is_in_recovery()"])
+        .args([
+            url.as_str(),
+            "-XAt",
+            "-c",
+            "/* pgsplit:replica */ SELECT pg_is_in_recovery()",
+        ])
         .output()
         .unwrap();
     assert_eq!(

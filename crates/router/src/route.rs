@@ -98,9 +98,12 @@ fn to(target: Target) -> Choice {
 /// Combines the classes of the statements of one extended-protocol batch
 /// (they run as one implicit transaction, so on one backend).
 pub fn combine(a: &Class, b: &Class) -> Class {
+    // Statements after a BEGIN in the same batch run inside its block,
+    // where hints give way to the block's server, as in a later batch.
+    let in_block = matches!(a.kind, StmtKind::Begin { .. });
     Class {
         kind: a.kind.combine(b.kind),
-        hint: b.hint.or(a.hint),
+        hint: if in_block { a.hint } else { b.hint.or(a.hint) },
         statements: a.statements.saturating_add(b.statements),
         stage: if a.stage == Stage::Parser || b.stage == Stage::Parser {
             Stage::Parser
@@ -179,6 +182,17 @@ mod tests {
             statements: 1,
             stage: Stage::Lexer,
         }
+    }
+
+    #[test]
+    fn hints_inside_a_block_the_batch_opens_give_way_to_it() {
+        let begin = class(StmtKind::Begin { read_only: true }, None);
+        let state_read = class(StmtKind::Read, Some(Target::Primary));
+        let c = combine(&begin, &state_read);
+        assert_eq!(c.hint, None);
+        assert_eq!(route(&c, &SessionState::default()).choice, Choice::Replica);
+        // Before the BEGIN, a hint still counts.
+        assert_eq!(combine(&state_read, &begin).hint, Some(Target::Primary));
     }
 
     #[test]

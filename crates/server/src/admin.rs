@@ -265,5 +265,103 @@ pub(crate) fn metrics(shared: &Shared) -> String {
         "Client connections refused (limit, bad startup, failed login).",
         s.clients_rejected.load(Relaxed),
     );
+    pool_metrics(shared, &mut out);
     out
+}
+
+/// The pools: connections by state per pool, waiters, and process-wide
+/// counters with the checkout wait histogram.
+fn pool_metrics(shared: &Shared, out: &mut String) {
+    use crate::pool::{STATS, WAIT_BUCKETS};
+    let _ = writeln!(
+        out,
+        "# HELP pgsplit_pool_connections Server connections of a pool, by state.\n\
+         # TYPE pgsplit_pool_connections gauge\n\
+         # HELP pgsplit_pool_size The most server connections a pool may open.\n\
+         # TYPE pgsplit_pool_size gauge\n\
+         # HELP pgsplit_pool_waiting Sessions waiting for a connection of a pool.\n\
+         # TYPE pgsplit_pool_waiting gauge"
+    );
+    for pools in [&shared.pools.primary, &shared.pools.replica] {
+        for r in pools.rows() {
+            let labels = format!(
+                "target=\"{}\",user=\"{}\",database=\"{}\"",
+                crate::error::target_name(r.target),
+                escape_label(&r.user),
+                escape_label(&r.database)
+            );
+            let _ = writeln!(
+                out,
+                "pgsplit_pool_connections{{{labels},state=\"idle\"}} {}\n\
+                 pgsplit_pool_connections{{{labels},state=\"leased\"}} {}\n\
+                 pgsplit_pool_size{{{labels}}} {}\n\
+                 pgsplit_pool_waiting{{{labels}}} {}",
+                r.idle, r.leased, r.size, r.waiting
+            );
+        }
+    }
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    };
+    counter(
+        "pgsplit_pool_connections_opened_total",
+        "Server connections the pools opened.",
+        STATS.opened.load(Relaxed),
+    );
+    counter(
+        "pgsplit_pool_connections_closed_total",
+        "Pooled server connections closed (lost, expired, idle, evicted or unclean at return).",
+        STATS.closed.load(Relaxed),
+    );
+    counter(
+        "pgsplit_pool_leases_total",
+        "Server connections leased to sessions.",
+        STATS.leases.load(Relaxed),
+    );
+    counter(
+        "pgsplit_pool_checkout_timeouts_total",
+        "Statements refused with 53300: no connection free within checkout_timeout.",
+        STATS.timeouts.load(Relaxed),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP pgsplit_pool_pinned_sessions Sessions holding a server connection because of a pin or a named prepared statement.\n\
+         # TYPE pgsplit_pool_pinned_sessions gauge\n\
+         pgsplit_pool_pinned_sessions {}",
+        STATS.pinned.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP pgsplit_pool_wait_seconds How long checkouts that found no connection free waited.\n\
+         # TYPE pgsplit_pool_wait_seconds histogram"
+    );
+    let mut cumulative = 0;
+    for (le, n) in WAIT_BUCKETS.iter().zip(&STATS.wait_buckets) {
+        cumulative += n.load(Relaxed);
+        let le = if le.is_infinite() {
+            "+Inf".to_owned()
+        } else {
+            le.to_string()
+        };
+        let _ = writeln!(
+            out,
+            "pgsplit_pool_wait_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "pgsplit_pool_wait_seconds_sum {}\npgsplit_pool_wait_seconds_count {}",
+        STATS.wait_micros.load(Relaxed) as f64 / 1e6,
+        STATS.waits.load(Relaxed)
+    );
+}
+
+/// A Prometheus label value with `\`, `"` and newlines escaped.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

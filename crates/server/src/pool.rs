@@ -137,8 +137,11 @@ pub struct PoolRow {
     pub waiting: usize,
 }
 
+/// Upper bounds (seconds) of the checkout wait histogram's buckets.
+pub const WAIT_BUCKETS: [f64; 8] = [0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, f64::INFINITY];
+
 /// Process-wide pool counters.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PoolStats {
     pub opened: AtomicU64,
     pub closed: AtomicU64,
@@ -146,7 +149,12 @@ pub struct PoolStats {
     /// Leases that had to wait for room, and how long in all.
     pub waits: AtomicU64,
     pub wait_micros: AtomicU64,
+    /// Waits by duration, per bucket of [`WAIT_BUCKETS`] (not cumulative).
+    pub wait_buckets: [AtomicU64; 8],
     pub timeouts: AtomicU64,
+    /// Sessions holding a connection because of a pin (LISTEN, temporary
+    /// tables, session locks, …) or a named prepared statement, now.
+    pub pinned: AtomicU64,
 }
 
 /// Counts one open connection against its pool; dropped with it.
@@ -180,7 +188,9 @@ pub static STATS: PoolStats = PoolStats {
     leases: AtomicU64::new(0),
     waits: AtomicU64::new(0),
     wait_micros: AtomicU64::new(0),
+    wait_buckets: [const { AtomicU64::new(0) }; 8],
     timeouts: AtomicU64::new(0),
+    pinned: AtomicU64::new(0),
 };
 
 impl TargetPools {
@@ -315,8 +325,12 @@ impl TargetPools {
         if counted {
             self.lock().pools[id].waiting -= 1;
             STATS.waits.fetch_add(1, Relaxed);
-            let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let waited = start.elapsed();
+            let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
             STATS.wait_micros.fetch_add(us, Relaxed);
+            let secs = waited.as_secs_f64();
+            let b = WAIT_BUCKETS.iter().position(|&le| secs <= le).unwrap_or(7);
+            STATS.wait_buckets[b].fetch_add(1, Relaxed);
         }
         res
     }

@@ -255,9 +255,31 @@ impl Session {
     /// In transaction mode: returns every connection the session is not
     /// using to its pool.
     pub(super) fn release_idle(&mut self) {
+        let mut held = false;
         for t in [Target::Primary, Target::Replica] {
-            if self.pool_mode(t) == PoolMode::Transaction && self.releasable(t) {
+            if self.pool_mode(t) != PoolMode::Transaction {
+                continue;
+            }
+            if self.releasable(t) {
                 self.release(t);
+            } else if self.backends[idx(t)].is_some() {
+                held |= (t == Target::Primary && (self.pinned || self.pin_sticky))
+                    || self.stmts.any_named_on(t);
+            }
+        }
+        self.count_pinned(held);
+    }
+
+    /// Keeps the process-wide count of sessions holding a connection
+    /// because of a pin or a named statement.
+    fn count_pinned(&mut self, now: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if now != self.pin_counted {
+            self.pin_counted = now;
+            if now {
+                crate::pool::STATS.pinned.fetch_add(1, Relaxed);
+            } else {
+                crate::pool::STATS.pinned.fetch_sub(1, Relaxed);
             }
         }
     }
@@ -266,6 +288,7 @@ impl Session {
     /// others are closed (a server rolls back what a closed connection
     /// left open).
     pub(super) async fn release_all(&mut self) {
+        self.count_pinned(false);
         for t in [Target::Primary, Target::Replica] {
             if self.releasable(t) {
                 self.release(t);

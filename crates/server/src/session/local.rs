@@ -189,8 +189,9 @@ impl Session {
                 }
                 match cmd {
                     Command::Show(name) => {
-                        let column = format!("pgsplit.{name}");
-                        self.push_own(|w| encode::row_description_text(w, &[&column]));
+                        let columns = super::vars::show_columns(&name);
+                        let columns: Vec<&str> = columns.iter().map(String::as_str).collect();
+                        self.push_own(|w| encode::row_description_text(w, &columns));
                     }
                     Command::Set(..) | Command::Reset(_) => {
                         self.push_own(|w| encode::message(w, bt::NO_DATA, |_| {}))
@@ -203,8 +204,10 @@ impl Session {
                 let cmd = self.local_command(&stmt)?;
                 let answer = self.run_var(cmd)?;
                 self.push_own(|w| {
-                    if let Some((_, value)) = &answer.row {
-                        encode::data_row_text(w, &[Some(value)]);
+                    for row in &answer.rows {
+                        let values: Vec<Option<&str>> =
+                            row.iter().map(|v| Some(v.as_str())).collect();
+                        encode::data_row_text(w, &values);
                     }
                     encode::command_complete(w, answer.tag);
                 });

@@ -299,6 +299,8 @@ pub(crate) struct Session {
     backends: [Option<Box<Backend>>; 2],
     /// The pool of each target this session leases from.
     pools: [crate::pool::PoolId; 2],
+    /// Counted in the pools' pinned sessions (see `lease`).
+    pin_counted: bool,
     txn: Option<Target>,
     /// The backend holding the client's block was lost: answer 25P02
     /// until the client ends the block.
@@ -464,6 +466,7 @@ impl Session {
             params,
             backends,
             pools,
+            pin_counted: false,
             txn: None,
             virtual_failed: false,
             block_lost_unreported: None,

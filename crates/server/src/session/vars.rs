@@ -194,12 +194,26 @@ pub(super) fn show_duration(d: Duration) -> String {
     }
 }
 
-/// What a `pgsplit.*` statement returns: at most one row of one text
-/// column, and a command tag.
+/// What a `pgsplit.*` statement returns: rows of text columns (none for
+/// SET and RESET), and a command tag.
 pub(super) struct Answer {
-    /// (column name, value) for SHOW.
-    pub row: Option<(String, String)>,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
     pub tag: &'static str,
+}
+
+/// The columns of `SHOW pgsplit.pools`.
+const POOL_COLUMNS: [&str; 9] = [
+    "target", "user", "database", "size", "open", "idle", "leased", "waiting", "mode",
+];
+
+/// The columns `SHOW pgsplit.<name>` answers with.
+pub(super) fn show_columns(name: &str) -> Vec<String> {
+    if name == "pools" {
+        POOL_COLUMNS.iter().map(|c| (*c).to_owned()).collect()
+    } else {
+        vec![format!("pgsplit.{name}")]
+    }
 }
 
 impl super::Session {
@@ -220,7 +234,8 @@ impl super::Session {
         match cmd {
             Command::Set(name, value) => match self.vars.set(&name, &value) {
                 Ok(()) => Ok(Answer {
-                    row: None,
+                    columns: Vec::new(),
+                    rows: Vec::new(),
                     tag: "SET",
                 }),
                 Err(e) => Err(refused(name, value, e)),
@@ -229,11 +244,39 @@ impl super::Session {
                 let cfg = self.shared.config.clone();
                 match self.vars.reset(&name, &cfg) {
                     Ok(()) => Ok(Answer {
-                        row: None,
+                        columns: Vec::new(),
+                        rows: Vec::new(),
                         tag: "RESET",
                     }),
                     Err(e) => Err(refused(name, String::new(), e)),
                 }
+            }
+            Command::Show(name) if name == "pools" => {
+                let mut rows = Vec::new();
+                for pools in [&self.shared.pools.primary, &self.shared.pools.replica] {
+                    let mode = match pools.settings.mode {
+                        crate::config::PoolMode::Transaction => "transaction",
+                        crate::config::PoolMode::Session => "session",
+                    };
+                    for r in pools.rows() {
+                        rows.push(vec![
+                            crate::error::target_name(r.target).to_owned(),
+                            r.user,
+                            r.database,
+                            r.size.to_string(),
+                            r.open.to_string(),
+                            r.idle.to_string(),
+                            r.leased.to_string(),
+                            r.waiting.to_string(),
+                            mode.to_owned(),
+                        ]);
+                    }
+                }
+                Ok(Answer {
+                    columns: show_columns(&name),
+                    rows,
+                    tag: "SHOW",
+                })
             }
             Command::Show(name) => {
                 let rep = &self.shared.replication;
@@ -260,7 +303,8 @@ impl super::Session {
                     _ => return Err(Error::UnknownVariable(name)),
                 };
                 Ok(Answer {
-                    row: Some((format!("pgsplit.{name}"), value)),
+                    columns: show_columns(&name),
+                    rows: vec![vec![value]],
                     tag: "SHOW",
                 })
             }
@@ -279,9 +323,13 @@ impl super::Session {
         }
         match self.run_var(cmd) {
             Ok(a) => self.push_own(|b| {
-                if let Some((column, value)) = &a.row {
-                    encode::row_description_text(b, &[column]);
-                    encode::data_row_text(b, &[Some(value)]);
+                if !a.columns.is_empty() {
+                    let columns: Vec<&str> = a.columns.iter().map(String::as_str).collect();
+                    encode::row_description_text(b, &columns);
+                }
+                for row in &a.rows {
+                    let values: Vec<Option<&str>> = row.iter().map(|v| Some(v.as_str())).collect();
+                    encode::data_row_text(b, &values);
                 }
                 encode::command_complete(b, a.tag);
             }),
