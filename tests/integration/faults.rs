@@ -67,7 +67,8 @@ async fn a_tunnel_cut_while_idle_is_invisible_to_the_next_write() {
 /// primary (the cancel crossed the slow tunnel after the answer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_tunnel_times_out_at_the_deadline_and_the_statement_is_cancelled() {
-    let s = stack_set(&["timeouts.statement_timeout=200ms"]);
+    // Session mode: each session keeps the connections it opened.
+    let s = stack_set(&["timeouts.statement_timeout=200ms", "pool.mode=session"]);
     // One session per protocol, each with its primary connection opened
     // (and the extended one's statement prepared) before the tunnel slows
     // down: connecting through it is not part of a statement's time.

@@ -3,8 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use pgsplit_lab::stack::{Stack, StackOptions};
 use pgsplit_lab::Which;
+use pgsplit_protocol::encode;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::common::*;
@@ -286,4 +288,142 @@ async fn a_database_its_clients_left_can_be_dropped_at_once() {
             admin.batch_execute(&drop_it).await.unwrap();
         }
     }
+}
+
+/// Parse of `name` as `sql`, then Sync.
+fn prepare(b: &mut BytesMut, name: &str, sql: &str) {
+    encode::parse(b, name, sql, &[]);
+    encode::sync(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_statement_names_in_two_sessions_on_one_connection_never_collide() {
+    let s = stack_set(&["pool.size=1", "pool.min_idle=0"]);
+    let mut a = Raw::login(&s).await;
+    let mut b = Raw::login(&s).await;
+    // pgbench calls its statements P_0, P_1…, in every client.
+    let mut m = BytesMut::new();
+    prepare(&mut m, "P_0", "SELECT 'a:' || inet_server_port()");
+    a.send(&m).await;
+    assert!(a.replies(1).await.errors.is_empty());
+    let mut m = BytesMut::new();
+    prepare(&mut m, "P_0", "SELECT 'b:' || inet_server_port()");
+    b.send(&m).await;
+    assert!(
+        b.replies(1).await.errors.is_empty(),
+        "same name, other session"
+    );
+    for _ in 0..3 {
+        for (c, who) in [(&mut a, "a:"), (&mut b, "b:")] {
+            let mut m = BytesMut::new();
+            run_prepared(&mut m, "P_0");
+            c.send(&m).await;
+            let r = c.replies(1).await;
+            assert!(r.errors.is_empty(), "{r:?}");
+            assert!(r.values[0].starts_with(who), "{r:?}");
+        }
+    }
+    // The client's Close acts on its own view: a's P_0 is gone for a, b's
+    // still runs, and a may prepare P_0 again, as on one server.
+    let mut m = BytesMut::new();
+    encode::close(&mut m, b'S', "P_0");
+    encode::sync(&mut m);
+    run_prepared(&mut m, "P_0");
+    a.send(&m).await;
+    let r = a.replies(2).await;
+    assert_eq!(r.errors, ["26000"], "{r:?}");
+    assert!(
+        r.messages[0].contains("\"P_0\""),
+        "named as the client named it: {r:?}"
+    );
+    let mut m = BytesMut::new();
+    run_prepared(&mut m, "P_0");
+    b.send(&m).await;
+    assert!(b.replies(1).await.values[0].starts_with("b:"));
+    let mut m = BytesMut::new();
+    prepare(&mut m, "P_0", "SELECT 'a again'");
+    run_prepared(&mut m, "P_0");
+    a.send(&m).await;
+    assert_eq!(a.replies(2).await.values, ["a again"]);
+    // A duplicate is refused as one server refuses it.
+    let mut m = BytesMut::new();
+    prepare(&mut m, "P_0", "SELECT 'dup'");
+    run_prepared(&mut m, "P_0");
+    a.send(&m).await;
+    let r = a.replies(2).await;
+    assert_eq!(r.errors, ["42P05"], "{r:?}");
+    assert_eq!(r.values, ["a again"], "the first definition stays");
+    assert_eq!(server_connections(&s, Which::Replica), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_with_more_clients_than_the_pool_holds_fails_nothing() {
+    let s = stack_set(&["pool.size=4"]);
+    let url = s.url();
+    let run = |args: &[&str]| {
+        let bins = pgsplit_lab::PgBinaries::locate().expect("PostgreSQL binaries");
+        let out = std::process::Command::new(bins.tool("pgbench"))
+            .env_remove("PGHOST")
+            .env_remove("PGPORT")
+            .args(args)
+            .arg(&url)
+            .output()
+            .expect("pgbench runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{args:?}:\n{text}");
+        text
+    };
+    tokio::task::block_in_place(|| {
+        run(&["-i", "-s", "1", "-q"]);
+        caught_up(&s);
+        for script in [&["-S"][..], &[][..]] {
+            // A thread per client: pgbench prepares with a blocking call,
+            // which would stall the other clients of its thread, and the
+            // connections their open transactions hold, until it returns.
+            let mut args = vec!["-M", "prepared", "-c", "16", "-j", "16", "-t", "30", "-n"];
+            args.extend_from_slice(script);
+            let out = run(&args);
+            assert!(
+                out.contains("number of failed transactions: 0"),
+                "{args:?}:\n{out}"
+            );
+            assert!(
+                out.contains("number of transactions actually processed: 480/480"),
+                "{args:?}:\n{out}"
+            );
+        }
+    });
+    assert!(server_connections(&s, Which::Primary) <= 4);
+    assert!(server_connections(&s, Which::Replica) <= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_statement_cache_stays_bounded_and_statements_still_run() {
+    let s = stack_set(&["pool.size=1", "pool.min_idle=0"]);
+    let c = client(&s).await;
+    let mut kept = Vec::new();
+    for i in 0..520 {
+        let st = c
+            .prepare(&format!("SELECT {i}::int + $1::int"))
+            .await
+            .unwrap();
+        kept.push(st);
+    }
+    // Past the cache bound the connection was emptied; every statement the
+    // client holds still runs, prepared again where it is missing.
+    for (i, st) in kept.iter().enumerate().step_by(37) {
+        let v: i32 = c.query_one(st, &[&1i32]).await.unwrap().get(0);
+        assert_eq!(v, i as i32 + 1);
+    }
+    let on_server: i64 = c
+        .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(on_server <= 520, "{on_server}");
+    assert!(on_server < 100, "emptied once past 500: {on_server}");
 }

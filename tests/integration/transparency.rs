@@ -327,3 +327,116 @@ async fn what_a_failed_statement_committed_is_read_back() {
         ["1"]
     );
 }
+
+/// What one client of the stress test below expects its session to be.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Role {
+    App,
+    A,
+    B,
+    Own,
+}
+
+/// Three clients on a pool of two connections per server, a replica 300 ms
+/// behind, and a seeded random walk of role changes, writes, roles created
+/// a moment ago, resets and pauses: after every step, the client's next
+/// read (wherever it runs, on whichever pooled connection, after whatever
+/// another session left on it) is run as the role the client set, and
+/// never as anyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_hold_across_lag_pooling_and_other_sessions_in_a_random_walk() {
+    let s = stack_with(StackOptions {
+        lab: LabOptions {
+            extra_conf: vec![("recovery_min_apply_delay".into(), "300ms".into())],
+            ..Default::default()
+        },
+        set: vec![
+            "pool.mode=transaction".into(),
+            "pool.size=2".into(),
+            "pool.checkout_timeout=20s".into(),
+        ],
+        ..Default::default()
+    });
+    on_primary(
+        &s,
+        "ALTER ROLE app SUPERUSER; CREATE ROLE regress_a; CREATE ROLE regress_b; \
+         CREATE TABLE walk (who text, n int); GRANT ALL ON walk TO PUBLIC",
+    );
+    caught_up(&s);
+    let mut tasks = Vec::new();
+    for client_no in 0..3u64 {
+        let c = client(&s).await;
+        tasks.push(tokio::spawn(async move {
+            // A small xorshift: the walk is the same on every run.
+            let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (client_no + 1).wrapping_mul(0x2545_F491);
+            let mut next = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let mut role = Role::App;
+            let mut own = String::new();
+            let mut log = Vec::new();
+            for step in 0..60 {
+                let mut fails = false;
+                let sql = match next() % 9 {
+                    0 => {
+                        role = Role::A;
+                        "SET ROLE regress_a".to_owned()
+                    }
+                    1 => {
+                        role = Role::B;
+                        "SET ROLE regress_b".to_owned()
+                    }
+                    2 => {
+                        role = Role::App;
+                        "RESET ROLE".to_owned()
+                    }
+                    3 => format!("INSERT INTO walk VALUES (current_user, {step})"),
+                    4 if role == Role::App => {
+                        // A role only the primary has for the next 300 ms.
+                        own = format!("regress_w{client_no}_{step}");
+                        role = Role::Own;
+                        format!("CREATE ROLE {own}; SET ROLE {own}")
+                    }
+                    5 => {
+                        tokio::time::sleep(std::time::Duration::from_millis(next() % 400)).await;
+                        "SELECT 1".to_owned()
+                    }
+                    6 if role != Role::App => {
+                        // Refused to the role, as on one server.
+                        fails = true;
+                        "CREATE ROLE regress_escalated SUPERUSER".to_owned()
+                    }
+                    7 => {
+                        fails = true;
+                        "SELECT 1/0".to_owned()
+                    }
+                    _ => "SELECT pg_sleep(0.01)".to_owned(),
+                };
+                log.push(sql.clone());
+                match c.batch_execute(&sql).await {
+                    Ok(_) if fails => panic!("client {client_no}: {sql} succeeded\n{log:#?}"),
+                    Err(e) if !fails => panic!("client {client_no}: {sql}: {e}\n{log:#?}"),
+                    _ => {}
+                }
+                let want = match role {
+                    Role::App => "app".to_owned(),
+                    Role::A => "regress_a".to_owned(),
+                    Role::B => "regress_b".to_owned(),
+                    Role::Own => own.clone(),
+                };
+                let got = row(&c, "SELECT current_user, inet_server_port()").await;
+                assert_eq!(
+                    got[0], want,
+                    "client {client_no}, step {step}, on port {}: {log:#?}",
+                    got[1]
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client walk");
+    }
+}

@@ -210,7 +210,6 @@ impl Session {
             && self.retry.is_none()
             && !self.retry_due
             && !(t == Target::Primary && (self.pinned || self.pin_check || self.pin_sticky))
-            && !self.stmts.any_named_on(t)
             && !self.stmts.has_zombies(t)
     }
 
@@ -263,8 +262,7 @@ impl Session {
             if self.releasable(t) {
                 self.release(t);
             } else if self.backends[idx(t)].is_some() {
-                held |= (t == Target::Primary && (self.pinned || self.pin_sticky))
-                    || self.stmts.any_named_on(t);
+                held |= t == Target::Primary && (self.pinned || self.pin_sticky);
             }
         }
         self.count_pinned(held);

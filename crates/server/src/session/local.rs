@@ -216,7 +216,7 @@ impl Session {
                 match frontend::object(f.body(), "Close")? {
                     Object::Statement(n) => {
                         let n = n.to_owned();
-                        self.stmts.close_everywhere(&n);
+                        self.stmts.close(&n);
                     }
                     Object::Portal(p) => {
                         let p = p.to_owned();

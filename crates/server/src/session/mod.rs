@@ -49,7 +49,7 @@ use batch::{Batch, Meta};
 use effects::Reset;
 use memo::Memo;
 use settings::SettingsLog;
-use statements::{idx, Statements};
+use statements::{idx, Statements, Stmt};
 use vectored::Chunks;
 
 /// A message or query sent whose ReadyForQuery has not come back.
@@ -142,12 +142,25 @@ enum Expect {
         raw: Bytes,
         class: Class,
         existed: bool,
+        /// Content id of a named statement (0 for the unnamed one), and,
+        /// for a duplicate, the id of the server statement it was sent as.
+        id: u64,
+        sent_as: u64,
     },
     InjectedParse {
         name: String,
+        id: u64,
     },
+    /// A Close the proxy sends ahead of a Parse of a named statement, so
+    /// the server never refuses it as a duplicate: its CloseComplete is
+    /// swallowed.
+    InjectedClose,
     ClientClose {
         statement: Option<String>,
+        /// A named statement the Close took out of the client's view when
+        /// it was sent (so a Parse of the same name pipelined behind it is
+        /// new): put back if the Close is skipped after an error.
+        removed: Option<Box<(String, Stmt)>>,
     },
 }
 
@@ -203,7 +216,16 @@ pub(crate) struct Backend {
     /// before the session that leased it now runs anything.
     carried: u64,
     reset_due: bool,
+    /// Content ids of the named statements prepared on this connection
+    /// (under `statements::server_name`), whoever prepared them: a cache
+    /// shared by every session that leases it, emptied past
+    /// [`PREPARED_CACHE`] entries.
+    prepared: std::collections::HashSet<u64>,
 }
+
+/// Past this many statements prepared on one server connection, the next
+/// session to use it deallocates them all first.
+const PREPARED_CACHE: usize = 500;
 
 impl Backend {
     pub(crate) fn new(conn: BackendConn, timeouts: crate::config::Effective) -> Backend {
@@ -212,6 +234,7 @@ impl Backend {
             lease: None,
             carried: 0,
             reset_due: false,
+            prepared: std::collections::HashSet::new(),
             deadline: None,
             resolving: false,
             xid: None,
@@ -376,6 +399,9 @@ pub(crate) struct Session {
     retry_meta: Vec<Meta>,
     /// The messages of the steady read being checked (see `steady`).
     steady_meta: Vec<steady::Located>,
+    /// A steady read as it goes out when it names statements (renamed),
+    /// else empty (it goes out as it came).
+    steady_parts: Vec<Bytes>,
     cancel: CancelHandle,
     replica_retry_at: Option<Instant>,
     /// A lost commit whose outcome is being learned: output after its
@@ -498,6 +524,7 @@ impl Session {
             retry_frames: Vec::new(),
             retry_meta: Vec::new(),
             steady_meta: Vec::new(),
+            steady_parts: Vec::new(),
             local_portals: Vec::new(),
             idle_in_transaction,
             idle_since: Instant::now(),
@@ -622,8 +649,16 @@ impl Session {
                 break Flow::Continue;
             };
             if self.steady_read(&block) {
-                self.send_raw(Target::Replica, std::slice::from_ref(&block))
-                    .await?;
+                if self.steady_parts.is_empty() {
+                    self.send_raw(Target::Replica, std::slice::from_ref(&block))
+                        .await?;
+                } else {
+                    let parts = std::mem::take(&mut self.steady_parts);
+                    let res = self.send_raw(Target::Replica, &parts).await;
+                    self.steady_parts = parts;
+                    self.steady_parts.clear();
+                    res?;
+                }
                 continue;
             }
             self.block = block.clone();
@@ -1062,7 +1097,7 @@ impl Session {
                 let name = name.clone();
                 self.drain_all().await?;
                 if self.client_status() != TxStatus::Failed {
-                    self.stmts.close_everywhere(&name);
+                    self.stmts.close(&name);
                     self.push_own(|b| encode::command_complete(b, "DEALLOCATE"));
                     self.push_ready();
                     return Ok(());
@@ -1105,6 +1140,11 @@ impl Session {
             },
         );
         b.sets_in_flight.extend(fx.sets);
+        if !fx.resets.is_empty() {
+            // DEALLOCATE or DISCARD ALL there: what the connection keeps
+            // is known again when it is next used.
+            b.prepared.clear();
+        }
         b.resets_in_flight.extend(fx.resets);
         self.cancel.set_active(Some(idx(target)));
         // A simple query ends the unnamed prepared statement on that server,
@@ -1384,8 +1424,7 @@ impl Session {
                     class.kind = StmtKind::Write;
                     // Defined on the replica by this batch: start afresh, so
                     // the primary gets it from this batch's own Parse.
-                    self.stmts
-                        .close(batch::text(f, 0, *name_end), Target::Primary);
+                    self.stmts.close(batch::text(f, 0, *name_end));
                 }
                 Meta::Uses { start, end } => self.stmts.mark_write(batch::text(f, *start, *end)),
                 _ => {}
@@ -1453,7 +1492,7 @@ impl Session {
             for (f, m) in self.batch.frames.iter().zip(&self.batch.meta) {
                 if let Meta::CloseStatement { start, end } = *m {
                     let name = batch::text(f, start, end).to_owned();
-                    self.stmts.close_everywhere(&name);
+                    self.stmts.close(&name);
                 }
             }
             let closes = self
@@ -1527,6 +1566,8 @@ impl Session {
         {
             let b = self.backends[idx(target)].as_mut().expect("ensured");
             for (f, m) in self.batch.frames.iter().zip(&self.batch.meta) {
+                // A named statement goes to the server under its server name.
+                let mut as_sent = None;
                 match *m {
                     Meta::Parse {
                         name_end,
@@ -1536,23 +1577,43 @@ impl Session {
                         if matches!(class.kind, StmtKind::Session | StmtKind::Write) {
                             let fx = effects::of_query(batch::text(f, sql.0, sql.1), &class);
                             b.sets_in_flight.extend(fx.sets);
+                            if !fx.resets.is_empty() {
+                                b.prepared.clear();
+                            }
                             b.resets_in_flight.extend(fx.resets);
                         }
                         let name = batch::text(f, 0, name_end);
-                        let existed = !name.is_empty() && self.stmts.get(name).is_some();
-                        if existed {
-                            // Make the server see the existing statement, so it
-                            // refuses the duplicate as one server would (42P05).
-                            let absent = self.stmts.get(name).filter(|s| !s.on[idx(target)]);
-                            if let Some(s) = absent {
-                                outgoing.push(s.parse.clone());
-                                let name = name.to_owned();
-                                b.expect.push_back((seq, Expect::InjectedParse { name }));
-                                self.stmts.mark_on(batch::text(f, 0, name_end), target);
+                        let existing = (!name.is_empty()).then(|| self.stmts.get(name)).flatten();
+                        let (existed, id, sent_as) = match existing {
+                            Some(s) => {
+                                // Sent as the existing statement, which the
+                                // server must have, so it refuses the
+                                // duplicate as one server would (42P05).
+                                let old = s.id;
+                                if !b.prepared.contains(&old) {
+                                    inject_parse(b, &mut outgoing, seq, name, s);
+                                }
+                                let id = statements::content_id(f.body(), name_end);
+                                let n = statements::server_name(old);
+                                as_sent = Some(statements::renamed(f.raw(), 0, name_end, &n));
+                                (true, id, old)
                             }
-                        } else {
-                            self.stmts.define(name, f.raw().clone(), class, target);
-                        }
+                            None => {
+                                self.stmts.define(name, f.raw().clone(), class, target);
+                                match self.stmts.get(name).filter(|_| !name.is_empty()) {
+                                    Some(s) => {
+                                        // A Close first: the connection
+                                        // may hold it already.
+                                        outgoing.push(statements::server_close(s.id));
+                                        b.expect.push_back((seq, Expect::InjectedClose));
+                                        b.prepared.insert(s.id);
+                                        as_sent = Some(s.server.clone());
+                                        (false, s.id, s.id)
+                                    }
+                                    None => (false, 0, 0),
+                                }
+                            }
+                        };
                         b.expect.push_back((
                             seq,
                             Expect::ClientParse {
@@ -1560,13 +1621,15 @@ impl Session {
                                 raw: f.raw().clone(),
                                 class,
                                 existed,
+                                id,
+                                sent_as,
                             },
                         ));
                     }
                     Meta::Uses { start, end } => {
                         // A statement this batch does not parse itself, that
-                        // exists for the client but not on this backend: send
-                        // the client's own Parse first (its reply is swallowed).
+                        // exists for the client but not on this connection:
+                        // its Parse goes first (its reply is swallowed).
                         // (Statements count as present from the moment their
                         // Parse is sent, so one parsed or injected earlier in
                         // this batch or a pipelined one is not sent twice.)
@@ -1576,29 +1639,65 @@ impl Session {
                                 b.sets_in_flight.push(replay);
                             }
                         }
-                        let missing = self.stmts.get(name).filter(|s| !s.on[idx(target)]);
-                        if let Some(s) = missing {
-                            outgoing.push(s.parse.clone());
-                            b.expect.push_back((
-                                seq,
-                                Expect::InjectedParse {
-                                    name: name.to_owned(),
-                                },
-                            ));
-                            self.stmts.mark_on(name, target);
+                        match self.stmts.get(name).filter(|s| !s.local) {
+                            Some(s) if name.is_empty() && !s.on[idx(target)] => {
+                                outgoing.push(s.parse.clone());
+                                b.expect.push_back((
+                                    seq,
+                                    Expect::InjectedParse {
+                                        name: String::new(),
+                                        id: 0,
+                                    },
+                                ));
+                                self.stmts.mark_on(name, target);
+                            }
+                            Some(_) if name.is_empty() => {}
+                            Some(s) => {
+                                if !b.prepared.contains(&s.id) {
+                                    inject_parse(b, &mut outgoing, seq, name, s);
+                                }
+                                let n = statements::server_name(s.id);
+                                as_sent = Some(statements::renamed(f.raw(), start, end, &n));
+                            }
+                            // Unknown: the server says so, naming it.
+                            None => {}
                         }
                     }
                     Meta::CloseStatement { start, end } => {
-                        let statement = Some(batch::text(f, start, end).to_owned());
-                        b.expect.push_back((seq, Expect::ClientClose { statement }));
+                        let name = batch::text(f, start, end);
+                        let taken = (!name.is_empty()).then(|| self.stmts.take(name)).flatten();
+                        let close = match taken {
+                            Some(s) => {
+                                b.prepared.remove(&s.id);
+                                let n = statements::server_name(s.id);
+                                as_sent = Some(statements::renamed(f.raw(), start, end, &n));
+                                Expect::ClientClose {
+                                    statement: None,
+                                    removed: Some(Box::new((name.to_owned(), s))),
+                                }
+                            }
+                            None => Expect::ClientClose {
+                                statement: Some(name.to_owned()),
+                                removed: None,
+                            },
+                        };
+                        b.expect.push_back((seq, close));
                     }
                     Meta::ClosePortal => {
-                        b.expect
-                            .push_back((seq, Expect::ClientClose { statement: None }));
+                        b.expect.push_back((
+                            seq,
+                            Expect::ClientClose {
+                                statement: None,
+                                removed: None,
+                            },
+                        ));
                     }
                     Meta::Other => {}
                 }
-                vectored::push_joined(&mut outgoing, &self.block, f.raw());
+                match as_sent {
+                    Some(m) => outgoing.push(m),
+                    None => vectored::push_joined(&mut outgoing, &self.block, f.raw()),
+                }
             }
             self.cancel.set_active(Some(idx(target)));
         }
@@ -1729,6 +1828,11 @@ impl Session {
                 }
             }
         }
+        // What the session holds but does not use goes back first: a
+        // session never waits for one pool while holding an idle
+        // connection of the other (two such sessions would wait for each
+        // other).
+        self.release_idle();
         let leased = match self.lease(t).await {
             Ok(b) => Ok(b),
             Err(lease::LeaseError::Full(f)) => return Err(lease::pool_full(t, &f)),
@@ -1817,12 +1921,25 @@ impl Session {
         let Some(b) = self.backends[idx(t)].as_mut() else {
             return Ok(());
         };
-        if b.applied_sets == self.settings_log.len() && !self.stmts.has_zombies(t) && !b.reset_due {
+        let full = b.prepared.len() > PREPARED_CACHE && !(t == Target::Primary && self.pinned);
+        if b.applied_sets == self.settings_log.len()
+            && !self.stmts.has_zombies(t)
+            && !b.reset_due
+            && !full
+        {
             return Ok(());
         }
         let mut lost = false;
+        if full {
+            // The connection's statement cache is full: emptied (what this
+            // session needs is prepared again as it is used).
+            match b.conn.run_silent("DEALLOCATE ALL").await {
+                Ok(None) => b.prepared.clear(),
+                Ok(Some(_)) | Err(_) => lost = true,
+            }
+        }
         let mut refused = None;
-        if std::mem::take(&mut b.reset_due) {
+        if !lost && std::mem::take(&mut b.reset_due) {
             // A pooled connection that carries another session's settings.
             match b.conn.run_silent(lease::RESET).await {
                 Ok(None) => b.applied_sets = 0,
@@ -2067,6 +2184,23 @@ fn other(t: Target) -> Target {
         Target::Primary => Target::Replica,
         Target::Replica => Target::Primary,
     }
+}
+
+/// Sends a named statement's Parse, under its server name, to a
+/// connection that lacks it (a Close first, in case it has it after all);
+/// both replies are swallowed.
+fn inject_parse(b: &mut Backend, outgoing: &mut Vec<Bytes>, seq: u64, name: &str, s: &Stmt) {
+    outgoing.push(statements::server_close(s.id));
+    b.expect.push_back((seq, Expect::InjectedClose));
+    outgoing.push(s.server.clone());
+    b.expect.push_back((
+        seq,
+        Expect::InjectedParse {
+            name: name.to_owned(),
+            id: s.id,
+        },
+    ));
+    b.prepared.insert(s.id);
 }
 
 /// For a Bind of `SELECT set_config('name', $n, false)`: the statement that

@@ -95,9 +95,9 @@ impl Session {
                         run += len;
                         continue;
                     }
-                    bt::PARSE_COMPLETE => {
+                    bt::PARSE_COMPLETE | bt::CLOSE_COMPLETE => {
                         // Bookkeeping now; the bytes are held (or dropped,
-                        // for a Parse the proxy injected).
+                        // for a Parse or Close the proxy injected).
                         if self.on_complete(t, tag) {
                             run += len;
                         } else {
@@ -328,21 +328,28 @@ impl Session {
         match e {
             // Both were recorded when sent; completion confirms them. A
             // name thought taken was accepted after all (an earlier Parse of
-            // it in the same pipeline failed): it now holds this definition.
+            // it in the same pipeline failed): it now holds this definition,
+            // and the server statement it went as holds another's name.
             Expect::ClientParse {
                 name,
                 raw,
                 class,
                 existed: true,
+                sent_as,
+                ..
             } => {
+                if !name.is_empty() {
+                    b.prepared.remove(&sent_as);
+                    self.stmts.poisoned(t, sent_as);
+                }
                 self.stmts.define(&name, raw, class, t);
                 true
             }
             Expect::ClientParse { .. } => true,
-            Expect::InjectedParse { .. } => false,
-            Expect::ClientClose { statement } => {
+            Expect::InjectedParse { .. } | Expect::InjectedClose => false,
+            Expect::ClientClose { statement, .. } => {
                 if let Some(name) = statement {
-                    self.stmts.close(&name, t);
+                    self.stmts.close(&name);
                 }
                 true
             }
@@ -361,9 +368,22 @@ impl Session {
                     name,
                     raw,
                     existed: false,
+                    id,
                     ..
-                }) => self.stmts.forget_if(&name, &raw),
-                Some(Expect::InjectedParse { name }) => self.stmts.mark_off(&name, t),
+                }) => {
+                    b.prepared.remove(&id);
+                    self.stmts.forget_if(&name, &raw);
+                }
+                Some(Expect::InjectedParse { name, id }) => {
+                    b.prepared.remove(&id);
+                    self.stmts.mark_off(&name, t);
+                }
+                Some(Expect::ClientClose {
+                    removed: Some(r), ..
+                }) => {
+                    let (name, stmt) = *r;
+                    self.stmts.restore(name, stmt);
+                }
                 _ => {}
             }
         }
@@ -429,8 +449,8 @@ impl Session {
                         self.pin_sticky = false;
                         self.pin_check = false;
                     }
-                    Reset::Deallocate(name) => self.stmts.close(&name, t),
-                    Reset::DeallocateAll => self.stmts.close_all(t),
+                    Reset::Deallocate(name) => self.stmts.close(&name),
+                    Reset::DeallocateAll => self.stmts.close_all(),
                 }
             }
         }

@@ -21,7 +21,7 @@ use pgsplit_router::route::{self, Choice, Reason};
 use pgsplit_router::{Class, StmtKind, Target};
 
 use super::batch::{self, Meta};
-use super::statements::idx;
+use super::statements::{self, idx};
 use super::{vars, Expect, Pending, Retry, Session, EMPTY};
 use crate::config::OnStale;
 
@@ -120,6 +120,36 @@ impl Session {
             self.forget_closed(Target::Replica);
             return false;
         }
+        // Named statements go under their server names, and must be there.
+        self.steady_parts.clear();
+        let mut from = 0;
+        for l in &self.steady_meta {
+            let Meta::Uses { start, end } = l.meta else {
+                continue;
+            };
+            if start == end {
+                continue; // the unnamed statement
+            }
+            let body = &block[l.at + HEADER_BYTES..l.end];
+            let name = batch::body_text(body, start, end);
+            let Some(s) = self.stmts.get(name) else {
+                return false;
+            };
+            if !b.prepared.contains(&s.id) {
+                self.steady_parts.clear();
+                return false;
+            }
+            if from < l.at {
+                self.steady_parts.push(block.slice(from..l.at));
+            }
+            let n = statements::server_name(s.id);
+            self.steady_parts
+                .push(statements::renamed(&block[l.at..l.end], start, end, &n));
+            from = l.end;
+        }
+        if !self.steady_parts.is_empty() && from < block.len() {
+            self.steady_parts.push(block.slice(from..));
+        }
 
         // Taken: the general path's bookkeeping for a read batch.
         let stats = &self.shared.stats;
@@ -152,6 +182,8 @@ impl Session {
                     raw,
                     class,
                     existed,
+                    id: 0,
+                    sent_as: 0,
                 },
             ));
         }
@@ -232,14 +264,10 @@ impl Session {
                     if c.kind != StmtKind::Read || vars::parse(sql).is_some() {
                         return None;
                     }
-                    let name = batch::body_text(body, 0, *name_end);
-                    if !name.is_empty() {
-                        // Parsed again: the server must see the existing one.
-                        if let Some(s) = self.stmts.get(name) {
-                            if !s.on[idx(Target::Replica)] || s.local {
-                                return None;
-                            }
-                        }
+                    if *name_end != 0 {
+                        // A named statement is renamed on its way: the
+                        // general path prepares it.
+                        return None;
                     }
                     parses += 1;
                     Some(*c)
@@ -281,7 +309,11 @@ impl Session {
             return parsed;
         }
         let s = self.stmts.get(name)?;
-        (s.on[idx(Target::Replica)] && !s.local && s.class.kind == StmtKind::Read)
+        // (A named one must be on the connection the read gets: checked
+        // once it has one.)
+        ((!name.is_empty() || s.on[idx(Target::Replica)])
+            && !s.local
+            && s.class.kind == StmtKind::Read)
             .then_some(s.class)
     }
 
