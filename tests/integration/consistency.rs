@@ -628,3 +628,183 @@ async fn a_quiet_spell_before_a_write_is_not_replica_lag() {
     // The write shows up on the replica once replayed, and the lag drops.
     caught_up(&s);
 }
+
+/// Reads retried on the primary for want of an object, for `code`.
+fn missing_retries(s: &Stack, code: &str) -> u64 {
+    let i = pgsplit_server::stats::MISSING
+        .iter()
+        .position(|c| *c == code)
+        .expect("a retried SQLSTATE");
+    s.proxy().shared().stats.retried_missing[i].load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_another_session_just_created_is_read_on_the_primary_while_the_replica_lacks_it() {
+    let s = lagging_stack("2s", &[]);
+    let c = client(&s).await;
+    // Created by someone else: this session knows nothing of it, and the
+    // replica will not have any of it for 2 s.
+    client(&s)
+        .await
+        .batch_execute(
+            "CREATE TABLE fresh (x int); INSERT INTO fresh VALUES (7); \
+             CREATE FUNCTION fresh_f() RETURNS int LANGUAGE sql AS 'SELECT 8'",
+        )
+        .await
+        .unwrap();
+    let st = c.simple_query("SELECT x FROM fresh").await;
+    let rows: Vec<String> = st
+        .expect("read of a table the replica has not replayed yet")
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows, ["7"]);
+    assert_eq!(
+        show(&c, "pgsplit.last_route").await,
+        "primary (hint)",
+        "run again on the primary"
+    );
+    // The extended protocol, with a named statement, and a function.
+    let v: i32 = c.query_one("SELECT fresh_f()", &[]).await.unwrap().get(0);
+    assert_eq!(v, 8);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM fresh WHERE x = $1", &[&7i32])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    assert!(missing_retries(&s, "42P01") >= 2);
+    assert!(missing_retries(&s, "42883") >= 1);
+    // A genuine error is the primary's answer.
+    let e = c
+        .simple_query("SELECT * FROM no_such_table_anywhere")
+        .await
+        .expect_err("no such table");
+    assert_eq!(code(&e), "42P01");
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("no_such_table_anywhere"), "{message}");
+    // Once the replica has it all, reads stay there.
+    caught_up(&s);
+    c.simple_query("SELECT x FROM fresh").await.unwrap();
+    assert_eq!(show(&c, "pgsplit.last_route").await, "replica (read)");
+    // Inside a block nothing is retried: the block is the client's.
+    client(&s)
+        .await
+        .batch_execute("CREATE TABLE fresher (x int)")
+        .await
+        .unwrap();
+    c.batch_execute("BEGIN READ ONLY").await.unwrap();
+    let e = c
+        .simple_query("SELECT * FROM fresher")
+        .await
+        .expect_err("the replica has not replayed it");
+    assert_eq!(code(&e), "42P01");
+    c.batch_execute("ROLLBACK").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_right_after_its_own_init_on_a_lagging_replica() {
+    // pgbench looks its tables up in the catalog on a new connection
+    // first: that read must see what `pgbench -i` just did.
+    let s = lagging_stack("1s", &["routing.read_your_writes_scope=proxy"]);
+    let bins = pgsplit_lab::PgBinaries::locate().expect("PostgreSQL binaries");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bins.tool("pgbench"))
+            .env_remove("PGHOST")
+            .env_remove("PGPORT")
+            .args(args)
+            .arg(s.url())
+            .output()
+            .expect("pgbench runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{args:?}:\n{text}");
+        text
+    };
+    tokio::task::block_in_place(|| {
+        run(&["-i", "-s", "1", "-q"]);
+        // At once: the replica has none of pgbench's tables yet.
+        for mode in ["simple", "prepared"] {
+            let out = run(&["-S", "-M", mode, "-c", "2", "-j", "2", "-t", "20", "-n"]);
+            assert!(out.contains("number of failed transactions: 0"), "{out}");
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_proxy_scope_a_new_connection_reads_what_the_last_one_wrote() {
+    for scope in ["session", "proxy"] {
+        let s = lagging_stack("3s", &[&format!("routing.read_your_writes_scope={scope}")]);
+        client(&s)
+            .await
+            .batch_execute("CREATE TABLE requests (id int)")
+            .await
+            .unwrap();
+        caught_up(&s);
+        // A POST on one connection, then the redirected GET on another.
+        let post = client(&s).await;
+        post.batch_execute("INSERT INTO requests VALUES (1)")
+            .await
+            .unwrap();
+        drop(post);
+        let get = client(&s).await;
+        let n: i64 = get
+            .query_one("SELECT count(*) FROM requests", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if scope == "proxy" {
+            assert_eq!(n, 1, "the previous request's write");
+            assert_eq!(
+                show(&get, "pgsplit.last_route").await,
+                "primary (read_your_writes)"
+            );
+        } else {
+            assert_eq!(
+                n, 0,
+                "session scope: a new connection reads the lagging replica"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_waiting_for_the_replica_ends_soon_after_the_replay() {
+    let s = lagging_stack(
+        "400ms",
+        &[
+            "routing.max_wait_for_replica=3s",
+            // Far apart: only the fast poll a waiting read asks for can
+            // end the wait on time.
+            "monitor.interval=1s",
+        ],
+    );
+    let c = client(&s).await;
+    c.batch_execute("CREATE TABLE waited (x int)")
+        .await
+        .unwrap();
+    caught_up(&s);
+    c.batch_execute("INSERT INTO waited VALUES (1)")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM waited", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let took = started.elapsed();
+    assert_eq!(n, 1);
+    assert_eq!(show(&c, "pgsplit.last_route").await, "replica (read)");
+    println!("read-your-writes wait at 400 ms of apply delay: {took:?}");
+    assert!(took < Duration::from_millis(900), "{took:?}");
+}

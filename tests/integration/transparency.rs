@@ -440,3 +440,31 @@ async fn roles_hold_across_lag_pooling_and_other_sessions_in_a_random_walk() {
         t.await.expect("client walk");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_set_reset_and_dropped_is_never_asked_of_a_new_connection() {
+    // As PostgreSQL's misc_functions test does.
+    let s = lagging_superuser_stack("0");
+    let c = client(&s).await;
+    c.batch_execute("CREATE ROLE regress_gone").await.unwrap();
+    caught_up(&s);
+    c.batch_execute("SET ROLE regress_gone").await.unwrap();
+    c.batch_execute("RESET ROLE").await.unwrap();
+    c.batch_execute("DROP ROLE regress_gone").await.unwrap();
+    caught_up(&s);
+    // Other sessions hold connections in blocks, so this one's next
+    // statements get connections that never saw its settings.
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let h = client(&s).await;
+        h.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        h.batch_execute("BEGIN READ ONLY").await.ok();
+        holders.push(h);
+    }
+    for sql in [
+        "SELECT current_user",
+        "/* pgsplit:primary */ SELECT current_user",
+    ] {
+        assert_eq!(row(&c, sql).await, ["app"], "{sql}");
+    }
+}

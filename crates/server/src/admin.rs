@@ -224,6 +224,18 @@ pub(crate) fn metrics(shared: &Shared) -> String {
             "pgsplit_commit_resolutions_total{{outcome=\"{outcome}\"}} {n}"
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP pgsplit_missing_object_retries_total Reads the replica failed for want of an object it had not replayed yet, run again on the primary, by SQLSTATE.\n\
+         # TYPE pgsplit_missing_object_retries_total counter"
+    );
+    for (i, code) in crate::stats::MISSING.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "pgsplit_missing_object_retries_total{{sqlstate=\"{code}\"}} {}",
+            s.retried_missing[i].load(Relaxed)
+        );
+    }
     let mut counter = |name: &str, help: &str, v: u64| {
         let _ = writeln!(
             out,

@@ -310,6 +310,9 @@ pub struct Routing {
     /// on the primary.
     #[serde(deserialize_with = "duration")]
     pub read_your_writes_window: Duration,
+    /// Whose writes a read must see in `lsn` mode (see
+    /// [`ReadYourWritesScope`]).
+    pub read_your_writes_scope: ReadYourWritesScope,
     /// Reads avoid a replica lagging more than this (per session:
     /// `SET pgsplit.max_staleness`).
     #[serde(deserialize_with = "duration")]
@@ -333,6 +336,7 @@ impl Default for Routing {
             parse_cache_entries: 1024,
             read_your_writes: ReadYourWrites::Lsn,
             read_your_writes_window: Duration::from_secs(1),
+            read_your_writes_scope: ReadYourWritesScope::Session,
             max_replica_lag: Duration::from_secs(5),
             on_stale: OnStale::Primary,
             max_wait_for_replica: Duration::ZERO,
@@ -399,6 +403,21 @@ impl std::str::FromStr for ReadYourWrites {
             _ => Err(()),
         }
     }
+}
+
+/// Whose writes a read must see, in `lsn` mode.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadYourWritesScope {
+    /// The session's own (the connection's): a new connection starts
+    /// with none.
+    #[default]
+    Session,
+    /// The latest write committed through this pgsplit process, whichever
+    /// session made it: an app that opens a connection per request reads
+    /// what its previous request wrote. Other nodes need the causal token
+    /// (`pgsplit.write_lsn` / `pgsplit.min_lsn`).
+    Proxy,
 }
 
 /// What a read does when the replica is stale.

@@ -36,16 +36,31 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(cfg.monitor.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
         let login = Login {
             user: &creds.0,
             password: creds.1.as_deref(),
             database: &cfg.monitor.database,
             params: &[],
         };
+        let fast = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => false,
+            _ = shared.replication.replay_wanted() => true,
+        };
+        if fast {
+            // A read waits for the replica: its replay position, every few
+            // milliseconds until no read waits, so the wait ends soon after
+            // the replay rather than at the next regular poll.
+            tokio::time::sleep(FAST_REPLICA_POLL).await;
+            let r = poll(&shared, Target::Replica, &mut replica, &login, REPLICA_POLL).await;
+            if r != Err(Failure::Refused) {
+                shared
+                    .replication
+                    .set_replica(r.ok().map(|row| replica_poll(&row)));
+            }
+            continue;
+        }
+        let started = std::time::Instant::now();
         let (p, r) = tokio::join!(
             poll(&shared, Target::Primary, &mut primary, &login, PRIMARY_POLL),
             poll(&shared, Target::Replica, &mut replica, &login, REPLICA_POLL),
@@ -55,22 +70,32 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         // state is left as it was rather than failing writes.
         if p != Err(Failure::Refused) {
             let silent = p == Err(Failure::Silent);
-            shared.replication.set_primary(
-                p.ok()
-                    .and_then(|row| row.first().cloned().flatten().and_then(|s| parse_lsn(&s))),
-                silent,
-            );
+            let lsn = p
+                .ok()
+                .and_then(|row| row.first().cloned().flatten().and_then(|s| parse_lsn(&s)));
+            shared.replication.set_primary(lsn, silent);
+            if let Some(l) = lsn {
+                shared.replication.sampled_primary(l, started);
+            }
         }
         if r == Err(Failure::Refused) {
             continue;
         }
-        shared.replication.set_replica(r.ok().map(|row| {
-            let col = |i: usize| row.get(i).cloned().flatten();
-            ReplicaPoll {
-                in_recovery: col(0).as_deref() == Some("true"),
-                replay_lsn: col(1).and_then(|s| parse_lsn(&s)),
-            }
-        }));
+        shared
+            .replication
+            .set_replica(r.ok().map(|row| replica_poll(&row)));
+    }
+}
+
+/// While a read waits for the replica, how often its replay position is
+/// read.
+const FAST_REPLICA_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+
+fn replica_poll(row: &Row) -> ReplicaPoll {
+    let col = |i: usize| row.get(i).cloned().flatten();
+    ReplicaPoll {
+        in_recovery: col(0).as_deref() == Some("true"),
+        replay_lsn: col(1).and_then(|s| parse_lsn(&s)),
     }
 }
 

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 pub struct Replication {
     primary_lsn: AtomicU64,
     replay_lsn: AtomicU64,
+    /// The WAL position of the latest write any session committed through
+    /// this process (for `read_your_writes_scope = "proxy"`).
+    written_lsn: AtomicU64,
     /// Milliseconds, or -1 when unknown.
     lag_ms: AtomicI64,
     primary_up: AtomicBool,
@@ -26,6 +29,14 @@ pub struct Replication {
     replica_polls: AtomicU64,
     /// When the primary's WAL positions were first seen (monitor only).
     seen: Mutex<Seen>,
+    /// The last primary position the monitor read, and when it started
+    /// that poll: the primary had at most this much when the poll left.
+    sampled: Mutex<Option<(u64, Instant)>>,
+    /// Reads waiting for the replica to replay (`max_wait_for_replica`),
+    /// and the monitor's wake-up for them: while any waits, it polls the
+    /// replica's replay position every few milliseconds.
+    waiting: AtomicU64,
+    wake: tokio::sync::Notify,
     /// Sessions may rely on it (false when no monitor runs).
     enabled: AtomicBool,
     /// Whether the primary link is up, for sessions waiting on it: a
@@ -38,12 +49,16 @@ impl Default for Replication {
         Replication {
             primary_lsn: AtomicU64::new(0),
             replay_lsn: AtomicU64::new(0),
+            written_lsn: AtomicU64::new(0),
             lag_ms: AtomicI64::new(-1),
             primary_up: AtomicBool::new(true),
             replica_up: AtomicBool::new(true),
             replica_replaying: AtomicBool::new(true),
             replica_polls: AtomicU64::new(0),
             seen: Mutex::new(Seen::default()),
+            sampled: Mutex::new(None),
+            waiting: AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
             enabled: AtomicBool::new(false),
             link: tokio::sync::watch::Sender::new(true),
         }
@@ -101,6 +116,15 @@ impl Seen {
             // says what the primary wrote since it last answered.
             behind.max(now.saturating_duration_since(last_sample))
         })
+    }
+}
+
+/// A read waiting for the replica (see [`Replication::wait_for_replay`]).
+pub struct ReplayWait<'a>(&'a Replication);
+
+impl Drop for ReplayWait<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Relaxed);
     }
 }
 
@@ -163,6 +187,31 @@ impl Replication {
         self.replica_up.load(Relaxed)
     }
 
+    /// A read starts waiting for the replica; the wait ends when the guard
+    /// drops.
+    pub fn wait_for_replay(&self) -> ReplayWait<'_> {
+        self.waiting.fetch_add(1, Relaxed);
+        self.wake.notify_one();
+        ReplayWait(self)
+    }
+
+    /// Returns once some read waits for the replica (at once if one does).
+    pub(crate) async fn replay_wanted(&self) {
+        while self.waiting.load(Relaxed) == 0 {
+            self.wake.notified().await;
+        }
+    }
+
+    /// A session learned the WAL position of a write it committed.
+    pub fn note_write(&self, lsn: u64) {
+        self.written_lsn.fetch_max(lsn, Relaxed);
+    }
+
+    /// The latest write position any session learned (0: none yet).
+    pub fn written_lsn(&self) -> u64 {
+        self.written_lsn.load(Relaxed)
+    }
+
     /// Whether the replica has replayed up to `lsn`.
     pub fn replayed(&self, lsn: u64) -> bool {
         self.replay_lsn.load(Relaxed) >= lsn
@@ -213,6 +262,19 @@ impl Replication {
         let link_up = up || !silent;
         self.link
             .send_if_modified(|v| std::mem::replace(v, link_up) != link_up);
+    }
+
+    /// Records the primary position read by a poll that started at
+    /// `started` (the monitor, behind [`Replication::set_primary`]).
+    pub(crate) fn sampled_primary(&self, lsn: u64, started: Instant) {
+        *self.sampled.lock().unwrap_or_else(|e| e.into_inner()) = Some((lsn, started));
+    }
+
+    /// The primary's position as read by a poll that started at or after
+    /// `t`, if one has come back since.
+    pub fn primary_sampled_since(&self, t: Instant) -> Option<u64> {
+        let s = *self.sampled.lock().unwrap_or_else(|e| e.into_inner());
+        s.filter(|(_, at)| *at >= t).map(|(l, _)| l)
     }
 
     /// Whether the primary link is known to be silent (heartbeat got no

@@ -25,6 +25,11 @@ pub const REASONS: [Reason; 12] = [
 /// Outcomes of lost commits, in the order of [`Stats::resolutions`].
 pub const RESOLUTIONS: [&str; 3] = ["committed", "aborted", "unknown"];
 
+/// SQLSTATEs of a read the replica may fail only because it has not
+/// replayed what the primary created yet: undefined table, function,
+/// schema, object and column.
+pub const MISSING: [&str; 5] = ["42P01", "42883", "3F000", "42704", "42703"];
+
 /// Process-wide counters.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -39,6 +44,9 @@ pub struct Stats {
     pub parser_decided: AtomicU64,
     /// Reads the replica refused as writes (25006), run again on the primary.
     pub retried_on_primary: AtomicU64,
+    /// Reads the replica failed for want of an object it may not have
+    /// replayed yet, run again on the primary, by [`MISSING`] SQLSTATE.
+    pub retried_missing: [AtomicU64; MISSING.len()],
     /// Lost commits resolved, by outcome: committed, aborted, unknown.
     pub resolutions: [AtomicU64; 3],
     pub clients_accepted: AtomicU64,

@@ -42,7 +42,7 @@ use tracing::{debug, warn};
 
 use crate::backend::{BackendConn, BackendError, Login};
 use crate::cancel::{CancelHandle, Running};
-use crate::config::{OnStale, ReadYourWrites, User};
+use crate::config::{OnStale, ReadYourWrites, ReadYourWritesScope, User};
 use crate::error::{Error, Warning};
 use crate::Shared;
 use batch::{Batch, Meta};
@@ -394,6 +394,12 @@ pub(crate) struct Session {
     retry: Option<Retry>,
     /// The replica refused `retry`: run it on the primary next.
     retry_due: bool,
+    /// When the retryable read in flight was sent, and the replica's
+    /// replay position known then.
+    retry_sent: (Instant, u64),
+    /// The retry due is for an object the replica may not have replayed
+    /// yet (the index of its SQLSTATE in `stats::MISSING`), not a write.
+    retry_missing: Option<usize>,
     /// The batch of a retryable extended-protocol read (see `Retry::Batch`).
     retry_frames: Vec<Frame>,
     retry_meta: Vec<Meta>,
@@ -521,6 +527,8 @@ impl Session {
             ignore_lsn: false,
             retry: None,
             retry_due: false,
+            retry_sent: (Instant::now(), 0),
+            retry_missing: None,
             retry_frames: Vec::new(),
             retry_meta: Vec::new(),
             steady_meta: Vec::new(),
@@ -867,7 +875,16 @@ impl Session {
             return Freshness::Stale;
         }
         let behind = match self.vars.read_your_writes {
-            ReadYourWrites::Lsn => self.write_lsn > 0 && !rep.replayed(self.write_lsn),
+            ReadYourWrites::Lsn => {
+                let lsn = if self.shared.config.routing.read_your_writes_scope
+                    == ReadYourWritesScope::Proxy
+                {
+                    self.write_lsn.max(rep.written_lsn())
+                } else {
+                    self.write_lsn
+                };
+                lsn > 0 && !rep.replayed(lsn)
+            }
             ReadYourWrites::Session => self.wrote_at.is_some(),
             ReadYourWrites::Window => self
                 .wrote_at
@@ -983,6 +1000,12 @@ impl Session {
     /// Records a client cycle sent to `t` (a retryable one holds its first
     /// replies back); returns the backend.
     fn client_cycle(&mut self, t: Target, p: Pending) -> &mut Backend {
+        if p.retryable {
+            self.retry_sent = (
+                Instant::now(),
+                self.shared.replication.replay_lsn().unwrap_or(0),
+            );
+        }
         let b = self.backends[idx(t)].as_mut().expect("ensured");
         b.hold = p.retryable;
         b.held = 0;
@@ -1293,6 +1316,8 @@ impl Session {
     /// session's writes; true when it did.
     async fn wait_for_replica(&mut self) -> bool {
         let deadline = Instant::now() + self.vars.max_wait;
+        let shared = self.shared.clone();
+        let _waiting = shared.replication.wait_for_replay();
         loop {
             if self.freshness() == Freshness::Fresh {
                 return true;
@@ -1364,17 +1389,25 @@ impl Session {
         let Ok(sql) = frontend::query(&raw[frame::HEADER_BYTES..]) else {
             return Ok(());
         };
-        debug!("the replica refused a read as a write; running it on the primary");
-        self.shared.classifier.learn_write(sql);
-        self.memo.forget(sql);
-        self.shared
-            .stats
-            .retried_on_primary
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let class = Class {
-            kind: StmtKind::Write,
-            statements: 1,
-            ..EMPTY
+        let missing = self.retry_missing.take();
+        self.count_retry(missing);
+        let class = if missing.is_some() {
+            debug!("the replica lacks what a read names; running it on the primary");
+            Class {
+                kind: StmtKind::Read,
+                hint: Some(Target::Primary),
+                statements: 1,
+                ..EMPTY
+            }
+        } else {
+            debug!("the replica refused a read as a write; running it on the primary");
+            self.shared.classifier.learn_write(sql);
+            self.memo.forget(sql);
+            Class {
+                kind: StmtKind::Write,
+                statements: 1,
+                ..EMPTY
+            }
         };
         let target = match self.target_for(&class).await {
             Ok(t) => t,
@@ -1387,8 +1420,9 @@ impl Session {
         self.seq += 1;
         let seq = self.seq;
         let b = self.backends[idx(target)].as_mut().expect("ensured");
+        let writes = missing.is_none();
         b.pending.push_back(Pending {
-            writes: true,
+            writes,
             own: false,
             single: true,
             ..Pending::own(seq)
@@ -1396,8 +1430,32 @@ impl Session {
         self.cancel.set_active(Some(idx(target)));
         self.stmts.mark_off("", target);
         let mut out = vec![raw];
-        self.push_own_query(target, seq, &mut out, true, false);
+        self.push_own_query(target, seq, &mut out, writes, false);
         self.send_raw(target, &out).await
+    }
+
+    /// Counts a read run again on the primary, by why.
+    fn count_retry(&self, missing: Option<usize>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = &self.shared.stats;
+        match missing {
+            Some(i) => stats.retried_missing[i].fetch_add(1, Relaxed),
+            None => stats.retried_on_primary.fetch_add(1, Relaxed),
+        };
+    }
+
+    /// Whether the replica may have failed the retryable read in flight
+    /// only for want of what it has not replayed yet: unless a primary
+    /// position read after the read was sent is no further than what the
+    /// replica had replayed before it, or nothing can be asked of the
+    /// primary.
+    fn replica_may_lack(rep: &crate::replication::Replication, sent: (Instant, u64)) -> bool {
+        if rep.primary_link_down() {
+            return false;
+        }
+        let (sent, replayed) = sent;
+        !rep.primary_sampled_since(sent)
+            .is_some_and(|p| p <= replayed && replayed > 0)
     }
 
     /// An extended-protocol batch the replica refused (25006): its
@@ -1406,11 +1464,30 @@ impl Session {
     async fn retry_batch(&mut self) -> Result<(), Error> {
         let frames = std::mem::take(&mut self.retry_frames);
         let mut meta = std::mem::take(&mut self.retry_meta);
+        let missing = self.retry_missing.take();
+        self.count_retry(missing);
+        if missing.is_some() {
+            debug!("the replica lacks what a batch names; running it on the primary");
+            for (f, m) in frames.iter().zip(&meta) {
+                if let Meta::Parse { name_end, .. } = *m {
+                    // Parsed afresh on the primary by this batch's own Parse.
+                    self.stmts.close(batch::text(f, 0, name_end));
+                }
+            }
+            let current = std::mem::take(&mut self.batch);
+            self.batch.frames = frames;
+            self.batch.meta = meta;
+            self.batch.class = Some(Class {
+                kind: StmtKind::Read,
+                hint: Some(Target::Primary),
+                statements: 1,
+                ..EMPTY
+            });
+            let res = Box::pin(self.dispatch_batch(true)).await;
+            self.batch = current;
+            return res;
+        }
         debug!("the replica refused a batch as a write; running it on the primary");
-        self.shared
-            .stats
-            .retried_on_primary
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for (f, m) in frames.iter().zip(meta.iter_mut()) {
             match m {
                 Meta::Parse {
@@ -1484,10 +1561,27 @@ impl Session {
             // writes can run.
             class.kind = StmtKind::Write;
         }
-        if self.virtual_failed && self.batch_only_closes() {
+        let named_closes_only = synced
+            && self.copy_in.is_none()
+            && self.batch_only_closes()
+            && self
+                .batch
+                .meta
+                .iter()
+                .any(|m| matches!(m, Meta::CloseStatement { .. }))
+            && self.batch.meta.iter().all(|m| match *m {
+                Meta::CloseStatement { start, end } => end > start,
+                Meta::Other => true,
+                _ => false,
+            });
+        if (self.virtual_failed || named_closes_only) && self.batch_only_closes() {
             // Closing statements works in a failed block, as on a server;
             // and it is not where the client learns its block was lost
-            // (drivers drop these answers).
+            // (drivers drop these answers). A named statement's server
+            // copies are only cache: closing it is the proxy's own business,
+            // and costs no server a message (nor the replica a cycle in
+            // flight that would keep the client's next read from being run
+            // again elsewhere).
             self.drain_all().await?;
             for (f, m) in self.batch.frames.iter().zip(&self.batch.meta) {
                 if let Meta::CloseStatement { start, end } = *m {

@@ -111,8 +111,19 @@ impl Session {
                     }
                     bt::ERROR_RESPONSE => {
                         let body = &b.conn.rbuf[run + frame::HEADER_BYTES..run + len];
+                        let code = ErrorFields::parse(body)?.code;
+                        let missing = crate::stats::MISSING.iter().position(|c| *c == code);
+                        let read_only = code == READ_ONLY_SQL_TRANSACTION;
+                        let missing = missing.filter(|_| {
+                            t == Target::Replica
+                                && Session::replica_may_lack(
+                                    &self.shared.replication,
+                                    self.retry_sent,
+                                )
+                        });
                         b.hold = false;
-                        if ErrorFields::parse(body)?.code == READ_ONLY_SQL_TRANSACTION {
+                        if read_only || missing.is_some() {
+                            self.retry_missing = missing;
                             let _ = b.conn.rbuf.split_to(run + len);
                             run = 0;
                             b.retrying = true;
@@ -144,6 +155,7 @@ impl Session {
                         if let Some(lsn) = column_text(body, 0).and_then(parse_lsn) {
                             if !self.ignore_lsn {
                                 self.write_lsn = self.write_lsn.max(lsn);
+                                self.shared.replication.note_write(lsn);
                             }
                         }
                         if let Some(xid) = column_text(body, 1).and_then(|x| x.parse().ok()) {
@@ -471,10 +483,11 @@ impl Session {
                     // log them so every other backend gets them before its
                     // next statement. (This one already has them.)
                     let caught_up = b.applied_sets == self.settings_log.len();
-                    if self.settings_log.extend(sets) {
-                        // Compacted: everyone replays it from the start.
+                    if let Some(left) = self.settings_log.extend(sets) {
+                        // Earlier entries dropped: what each connection
+                        // applied, counted in the new log.
                         for other in self.backends.iter_mut().flatten() {
-                            other.applied_sets = 0;
+                            other.applied_sets = left[other.applied_sets.min(left.len() - 1)];
                         }
                     }
                     let b = self.backends[idx(t)].as_mut().expect("exists");

@@ -131,6 +131,7 @@ impl Session {
             Outcome::Committed(lsn) => {
                 if let Some(lsn) = lsn {
                     self.write_lsn = self.write_lsn.max(lsn);
+                    self.shared.replication.note_write(lsn);
                 }
                 self.wrote_at = Some(Instant::now());
                 self.out.push_back(r.success);

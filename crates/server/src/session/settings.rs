@@ -1,27 +1,34 @@
 //! The session's settings log: the SET/RESET/DISCARD statements that hold
 //! for the session, in order, replayed on a backend that has not seen them.
 //!
-//! An app that sets a parameter per request (`SET app.user_id = …`) would
-//! grow the log forever, so past a few dozen entries it is compacted: a
-//! later statement for the same parameter replaces the earlier one, and
-//! `RESET ALL` / `DISCARD ALL` drop everything before them. Replaying the
-//! compacted log from its start on any backend gives the same settings as
-//! replaying the whole history, so after compaction every backend simply
-//! starts over from the beginning.
+//! The log keeps only what still matters: a statement for a parameter
+//! drops the earlier ones for it (`SET app.user_id = …` per request stays
+//! one entry; `SET ROLE x` then `RESET ROLE` leaves `RESET ROLE`, so a
+//! connection leased after `DROP ROLE x` is never asked to become `x`).
+//! `DISCARD ALL` drops everything before it, `RESET ALL` every parameter
+//! but the role and the session authorization (which it does not reset),
+//! and a session authorization also ends an earlier role, as on a server.
+//! The statements left keep their order, so replaying the log on a fresh
+//! connection gives what the whole history gave.
 
-/// Compaction starts past this many entries.
-const COMPACT_AT: usize = 32;
+use std::collections::HashSet;
 
 /// What a settings statement affects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Scope {
     /// One parameter (lower-cased name).
     Param(String),
-    /// Every parameter: `RESET ALL`, `DISCARD ALL`.
-    All,
+    /// `RESET ALL`: every parameter but the role and the session
+    /// authorization.
+    ResetAll,
+    /// `DISCARD ALL`: everything.
+    DiscardAll,
     /// Not understood: kept as is and never dropped.
     Other,
 }
+
+const ROLE: &str = "role";
+const SESSION_AUTHORIZATION: &str = "session_authorization";
 
 /// Which parameter `sql` sets or resets.
 fn scope(sql: &str) -> Scope {
@@ -34,7 +41,7 @@ fn scope(sql: &str) -> Scope {
             if second == "session" {
                 second = words.next().unwrap_or("");
                 if second == "authorization" {
-                    return Scope::Param("session_authorization".into());
+                    return Scope::Param(SESSION_AUTHORIZATION.into());
                 }
             }
             match second {
@@ -44,13 +51,13 @@ fn scope(sql: &str) -> Scope {
             }
         }
         "reset" => match second {
-            "all" => Scope::All,
+            "all" => Scope::ResetAll,
             "" => Scope::Other,
-            "session" => Scope::Param("session_authorization".into()),
+            "session" => Scope::Param(SESSION_AUTHORIZATION.into()),
             "time" => Scope::Param("timezone".into()),
             name => Scope::Param(name.to_owned()),
         },
-        "discard" if second == "all" => Scope::All,
+        "discard" if second == "all" => Scope::DiscardAll,
         // SELECT set_config('name', 'value', false)
         "select" if second.starts_with("set_config(") || second == "set_config" => lower
             .split_once('\'')
@@ -64,10 +71,6 @@ fn scope(sql: &str) -> Scope {
 #[derive(Debug, Default)]
 pub(super) struct SettingsLog {
     entries: Vec<String>,
-    /// Length past which the next compaction runs: twice what the last one
-    /// left, so a session with many distinct settings does not compact on
-    /// every append.
-    compact_at: usize,
 }
 
 impl SettingsLog {
@@ -80,35 +83,60 @@ impl SettingsLog {
         &self.entries[from.min(self.entries.len())..]
     }
 
-    /// Appends; returns true when the log was compacted, in which case
-    /// every backend must replay it from the start.
-    pub fn extend(&mut self, sets: Vec<String>) -> bool {
+    /// Appends. When that drops earlier entries, returns for every `k` up
+    /// to the old length how many of the first `k` old entries are left: a
+    /// connection that had applied `k` entries has applied that many of
+    /// the new log (what it applied of the dropped ones is overridden by
+    /// what follows).
+    pub fn extend(&mut self, sets: Vec<String>) -> Option<Vec<usize>> {
+        let old = self.entries.len();
         self.entries.extend(sets);
-        if self.entries.len() <= self.compact_at.max(COMPACT_AT) {
-            return false;
+        let keep = self.compact();
+        if keep.iter().all(|k| *k) {
+            return None;
         }
-        self.compact();
-        self.compact_at = 2 * self.entries.len();
-        true
-    }
-
-    /// Drops every entry a later one makes irrelevant.
-    fn compact(&mut self) {
-        let scopes: Vec<Scope> = self.entries.iter().map(|s| scope(s)).collect();
-        let last_all = scopes.iter().rposition(|s| *s == Scope::All);
-        let mut keep = vec![true; self.entries.len()];
-        for (i, s) in scopes.iter().enumerate() {
-            let superseded = last_all.is_some_and(|a| i < a)
-                || match s {
-                    Scope::Param(p) => scopes[i + 1..]
-                        .iter()
-                        .any(|l| matches!(l, Scope::Param(q) if q == p)),
-                    Scope::All | Scope::Other => false,
-                };
-            keep[i] = !superseded;
+        let mut left = Vec::with_capacity(old + 1);
+        let mut n = 0;
+        left.push(0);
+        for k in &keep[..old] {
+            n += usize::from(*k);
+            left.push(n);
         }
         let mut k = keep.into_iter();
         self.entries.retain(|_| k.next().unwrap_or(true));
+        Some(left)
+    }
+
+    /// Which entries a later one does not make irrelevant.
+    fn compact(&self) -> Vec<bool> {
+        let mut keep = vec![true; self.entries.len()];
+        // Scanning backwards: what the entries after this one override.
+        let mut later: HashSet<String> = HashSet::new();
+        let mut reset_all = false;
+        let mut discard_all = false;
+        for (i, sql) in self.entries.iter().enumerate().rev() {
+            let s = scope(sql);
+            let overridden = match &s {
+                _ if discard_all => true,
+                Scope::Param(p) => {
+                    later.contains(p)
+                        || (reset_all && p != ROLE && p != SESSION_AUTHORIZATION)
+                        || (p == ROLE && later.contains(SESSION_AUTHORIZATION))
+                }
+                Scope::ResetAll => reset_all,
+                Scope::DiscardAll | Scope::Other => false,
+            };
+            keep[i] = !overridden;
+            match s {
+                Scope::Param(p) => {
+                    later.insert(p);
+                }
+                Scope::ResetAll => reset_all = true,
+                Scope::DiscardAll => discard_all = true,
+                Scope::Other => {}
+            }
+        }
+        keep
     }
 }
 
@@ -142,8 +170,8 @@ mod tests {
             scope("RESET search_path"),
             Scope::Param("search_path".into())
         );
-        assert_eq!(scope("RESET ALL"), Scope::All);
-        assert_eq!(scope("DISCARD ALL"), Scope::All);
+        assert_eq!(scope("RESET ALL"), Scope::ResetAll);
+        assert_eq!(scope("DISCARD ALL"), Scope::DiscardAll);
         assert_eq!(scope("SET TRANSACTION READ ONLY"), Scope::Other);
         assert_eq!(scope("DISCARD PLANS"), Scope::Other);
         assert_eq!(
@@ -153,14 +181,12 @@ mod tests {
     }
 
     #[test]
-    fn per_request_settings_stay_bounded_and_keep_the_last_value() {
+    fn per_request_settings_stay_one_entry_and_keep_the_last_value() {
         let mut log = SettingsLog::default();
         log.extend(vec!["SET search_path = app".into()]);
         for i in 0..1000 {
             log.extend(vec![format!("SET app.user_id = {i}")]);
         }
-        assert!(log.len() <= COMPACT_AT + 1, "{}", log.len());
-        log.compact();
         assert_eq!(
             log.since(0),
             ["SET search_path = app", "SET app.user_id = 999"]
@@ -168,27 +194,43 @@ mod tests {
     }
 
     #[test]
-    fn reset_all_drops_what_came_before_it() {
+    fn a_reset_role_leaves_no_role_to_become() {
         let mut log = SettingsLog::default();
-        for i in 0..40 {
-            log.extend(vec![format!("SET p{i} = 1")]);
-        }
+        assert_eq!(log.extend(vec!["SET search_path = a".into()]), None);
+        assert_eq!(log.extend(vec!["SET ROLE regress_gone".into()]), None);
+        // A connection that applied 1 or 2 entries has applied 1 of the
+        // new log (the role it took is then reset by what follows).
+        assert_eq!(log.extend(vec!["RESET ROLE".into()]), Some(vec![0, 1, 1]));
+        assert_eq!(log.since(0), ["SET search_path = a", "RESET ROLE"]);
         log.extend(vec![
-            "RESET ALL".into(),
-            "SET q = 2".into(),
-            "SET r = 3".into(),
+            "SET ROLE r".into(),
+            "SET SESSION AUTHORIZATION u".into(),
         ]);
-        log.compact();
-        assert_eq!(log.since(0), ["RESET ALL", "SET q = 2", "SET r = 3"]);
+        assert_eq!(
+            log.since(0),
+            ["SET search_path = a", "SET SESSION AUTHORIZATION u"],
+            "a session authorization ends the role"
+        );
     }
 
     #[test]
-    fn many_distinct_settings_compact_rarely() {
+    fn reset_all_keeps_the_role_and_discard_all_does_not() {
         let mut log = SettingsLog::default();
-        let compactions = (0..1000)
-            .filter(|i| log.extend(vec![format!("SET p{i} = 1")]))
-            .count();
-        assert_eq!(log.len(), 1000, "nothing to drop");
-        assert!(compactions <= 6, "{compactions} compactions");
+        log.extend(vec!["SET ROLE r".into(), "SET p = 1".into()]);
+        log.extend(vec!["RESET ALL".into(), "SET q = 2".into()]);
+        assert_eq!(log.since(0), ["SET ROLE r", "RESET ALL", "SET q = 2"]);
+        log.extend(vec!["RESET ALL".into()]);
+        assert_eq!(log.since(0), ["SET ROLE r", "RESET ALL"]);
+        log.extend(vec!["DISCARD ALL".into(), "SET r = 3".into()]);
+        assert_eq!(log.since(0), ["DISCARD ALL", "SET r = 3"]);
+    }
+
+    #[test]
+    fn many_distinct_settings_are_all_kept() {
+        let mut log = SettingsLog::default();
+        for i in 0..1000 {
+            assert_eq!(log.extend(vec![format!("SET p{i} = 1")]), None);
+        }
+        assert_eq!(log.len(), 1000);
     }
 }
