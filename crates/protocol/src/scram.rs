@@ -208,6 +208,119 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The client side of SCRAM-SHA-256, for the proxy's own logins to its
+/// servers. PBKDF2 is the whole cost of a login (4096 rounds of HMAC by
+/// default), and a server answers every login of one user with the same
+/// salt and iteration count: [`SaltedKeys`] keeps what was derived, so a
+/// pool that opens many connections pays it once per server and user.
+pub struct ScramClient {
+    password: Vec<u8>,
+    nonce: String,
+    /// After the server-first message: the AuthMessage and the keys.
+    state: Option<([u8; 32], String)>,
+}
+
+/// Derived SCRAM keys, by password, salt and iteration count.
+#[derive(Default)]
+pub struct SaltedKeys {
+    map: std::sync::Mutex<std::collections::HashMap<([u8; 32], Vec<u8>, u32), [u8; 32]>>,
+}
+
+/// Entries a [`SaltedKeys`] holds before it starts over.
+const SALTED_KEYS: usize = 256;
+
+impl SaltedKeys {
+    /// `Hi(password, salt, iterations)`, from the cache when it is there.
+    pub fn salted(&self, password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+        // Keyed by a hash of the password: the cache holds no plaintext.
+        let key = (Sha256::digest(password).into(), salt.to_vec(), iterations);
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = map.get(&key) {
+            return *k;
+        }
+        drop(map);
+        let mut salted = [0u8; 32];
+        pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, iterations, &mut salted);
+        map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= SALTED_KEYS {
+            map.clear();
+        }
+        map.insert(key, salted);
+        salted
+    }
+}
+
+impl ScramClient {
+    pub fn new(password: &[u8]) -> ScramClient {
+        let mut raw = [0u8; 18];
+        rand::thread_rng().fill_bytes(&mut raw);
+        ScramClient {
+            password: password.to_vec(),
+            nonce: B64.encode(raw),
+            state: None,
+        }
+    }
+
+    /// The client-first message (no channel binding; the user name is the
+    /// startup packet's).
+    pub fn client_first(&self) -> String {
+        format!("n,,n=,r={}", self.nonce)
+    }
+
+    /// Takes the server-first message; returns the client-final one.
+    ///
+    /// # Errors
+    /// `Malformed` for a broken message, `Nonce` when the server's nonce
+    /// does not extend the client's.
+    pub fn server_first(&mut self, msg: &[u8], keys: &SaltedKeys) -> Result<String, ScramError> {
+        let msg = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed)?;
+        let attr = |k: &str| {
+            msg.split(',')
+                .find_map(|a| a.strip_prefix(k))
+                .ok_or(ScramError::Malformed)
+        };
+        let nonce = attr("r=")?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
+            return Err(ScramError::Nonce);
+        }
+        let salt = B64.decode(attr("s=")?).map_err(|_| ScramError::Malformed)?;
+        let iterations: u32 = attr("i=")?.parse().map_err(|_| ScramError::Malformed)?;
+        if iterations == 0 {
+            return Err(ScramError::Malformed);
+        }
+        let salted = keys.salted(&self.password, &salt, iterations);
+        let client_key = hmac(&salted, b"Client Key");
+        let stored_key: [u8; 32] = Sha256::digest(client_key).into();
+        let server_key = hmac(&salted, b"Server Key");
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_message = format!("n=,r={},{msg},{without_proof}", self.nonce);
+        let signature = hmac(&stored_key, auth_message.as_bytes());
+        let mut proof = [0u8; 32];
+        for i in 0..32 {
+            proof[i] = client_key[i] ^ signature[i];
+        }
+        self.state = Some((server_key, auth_message));
+        Ok(format!("{without_proof},p={}", B64.encode(proof)))
+    }
+
+    /// Checks the server-final message: the server knew the password too.
+    ///
+    /// # Errors
+    /// `Proof` when its signature is wrong, `Malformed` otherwise.
+    pub fn server_final(&self, msg: &[u8]) -> Result<(), ScramError> {
+        let (server_key, auth_message) = self.state.as_ref().ok_or(ScramError::Malformed)?;
+        let msg = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed)?;
+        let v = msg.strip_prefix("v=").ok_or(ScramError::Malformed)?;
+        let got = B64.decode(v).map_err(|_| ScramError::Malformed)?;
+        let want = hmac(server_key, auth_message.as_bytes());
+        if constant_time_eq(&got, &want) {
+            Ok(())
+        } else {
+            Err(ScramError::Proof)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,5 +397,46 @@ mod tests {
         assert!(start(&s, b"n,,n=").is_err());
         let (ex, _) = start(&s, b"n,,n=,r=a").unwrap();
         assert!(ex.finish(b"c=biws,r=other,p=AAAA").is_err());
+    }
+
+    #[test]
+    fn the_client_logs_in_to_the_server_side_and_derives_once() {
+        let secret = ScramSecret::from_password("s3cret");
+        let keys = SaltedKeys::default();
+        for _ in 0..3 {
+            let mut c = ScramClient::new(b"s3cret");
+            let (ex, server_first) = start(&secret, c.client_first().as_bytes()).unwrap();
+            let fin = c.server_first(server_first.as_bytes(), &keys).unwrap();
+            let server_final = ex.finish(fin.as_bytes()).unwrap();
+            c.server_final(server_final.as_bytes()).unwrap();
+        }
+        assert_eq!(
+            keys.map.lock().unwrap().len(),
+            1,
+            "one derivation for three logins"
+        );
+        // A wrong password is refused by the server, and a server that does
+        // not know the password is refused by the client.
+        let mut c = ScramClient::new(b"wrong");
+        let (ex, server_first) = start(&secret, c.client_first().as_bytes()).unwrap();
+        let fin = c.server_first(server_first.as_bytes(), &keys).unwrap();
+        assert_eq!(ex.finish(fin.as_bytes()), Err(ScramError::Proof));
+        let mut c = ScramClient::new(b"s3cret");
+        let (_, server_first) = start(&secret, c.client_first().as_bytes()).unwrap();
+        c.server_first(server_first.as_bytes(), &keys).unwrap();
+        assert_eq!(
+            c.server_final(b"v=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+            Err(ScramError::Proof)
+        );
+        // A nonce the server did not extend from the client's.
+        let mut c = ScramClient::new(b"s3cret");
+        assert_eq!(
+            c.server_first(b"r=other,s=AAAA,i=4096", &keys),
+            Err(ScramError::Nonce)
+        );
+        assert_eq!(
+            c.server_first(b"garbage", &keys),
+            Err(ScramError::Malformed)
+        );
     }
 }

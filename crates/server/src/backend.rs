@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use pgsplit_protocol::backend::{self as msg, Auth};
+use pgsplit_protocol::scram::{SaltedKeys, ScramClient};
 use pgsplit_protocol::{encode, frame, tag, ProtoError};
 use pgsplit_router::Target;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::stream::{Endpoint, Stream};
@@ -20,6 +20,11 @@ use crate::stream::{Endpoint, Stream};
 const MAX_LOGIN_MESSAGE_BYTES: usize = 1 << 20;
 
 /// Why a backend connection could not be made.
+
+/// SCRAM keys derived for the servers' salts: one PBKDF2 per server and
+/// user, not one per connection a pool opens.
+static SALTED_KEYS: std::sync::LazyLock<SaltedKeys> = std::sync::LazyLock::new(SaltedKeys::default);
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("cannot resolve {addr}: {source}")]
@@ -158,7 +163,7 @@ impl BackendConn {
         }
         encode::startup_message(&mut w, &params);
         self.stream.write_all(&w).await?;
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<ScramClient> = None;
         loop {
             let f = self.read_login_frame().await?;
             match f.tag() {
@@ -183,23 +188,28 @@ impl BackendConn {
                                 return Err(BackendError::UnsupportedAuth(10));
                             }
                             let pw = self.password(login)?;
-                            let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                            encode::sasl_initial_response(&mut w, "SCRAM-SHA-256", s.message());
+                            let s = ScramClient::new(pw.as_bytes());
+                            encode::sasl_initial_response(
+                                &mut w,
+                                "SCRAM-SHA-256",
+                                s.client_first().as_bytes(),
+                            );
                             scram = Some(s);
                         }
                         Auth::SaslContinue { data } => {
                             let s = scram
                                 .as_mut()
                                 .ok_or(BackendError::Scram("unexpected continue".into()))?;
-                            s.update(data)
+                            let fin = s
+                                .server_first(data, &SALTED_KEYS)
                                 .map_err(|e| BackendError::Scram(e.to_string()))?;
-                            encode::sasl_response(&mut w, s.message());
+                            encode::sasl_response(&mut w, fin.as_bytes());
                         }
                         Auth::SaslFinal { data } => {
-                            let mut s = scram
+                            let s = scram
                                 .take()
                                 .ok_or(BackendError::Scram("unexpected final".into()))?;
-                            s.finish(data)
+                            s.server_final(data)
                                 .map_err(|e| BackendError::Scram(e.to_string()))?;
                             continue;
                         }
