@@ -223,8 +223,11 @@ pub struct ScramClient {
 /// Derived SCRAM keys, by password, salt and iteration count.
 #[derive(Default)]
 pub struct SaltedKeys {
-    map: std::sync::Mutex<std::collections::HashMap<([u8; 32], Vec<u8>, u32), [u8; 32]>>,
+    map: std::sync::Mutex<std::collections::HashMap<SaltedKey, [u8; 32]>>,
 }
+
+/// SHA-256 of the password, salt and iteration count.
+type SaltedKey = ([u8; 32], Vec<u8>, u32);
 
 /// Entries a [`SaltedKeys`] holds before it starts over.
 const SALTED_KEYS: usize = 256;
