@@ -19,12 +19,11 @@ use crate::stream::{Endpoint, Stream};
 /// Backend messages during login are small; anything bigger is a broken peer.
 const MAX_LOGIN_MESSAGE_BYTES: usize = 1 << 20;
 
-/// Why a backend connection could not be made.
-
 /// SCRAM keys derived for the servers' salts: one PBKDF2 per server and
 /// user, not one per connection a pool opens.
 static SALTED_KEYS: std::sync::LazyLock<SaltedKeys> = std::sync::LazyLock::new(SaltedKeys::default);
 
+/// Why a backend connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("cannot resolve {addr}: {source}")]
