@@ -72,14 +72,17 @@ def test_server_side_prepared_statements(env):
             assert c.execute(write, (1000, 1)).fetchone() == (env.primary, 1)
         assert c.execute(read, (10**6,)).fetchone() == (env.replica, 101, total + 1)
         # psycopg really prepared them (protocol-level, named; once per
-        # parameter type): the read on the replica's connection, the write on
-        # the primary's.
+        # parameter type) on the connection that ran them. Connections are
+        # pooled, so a block keeps one connection for both statements.
         find = (
             "SELECT inet_server_port(), count(*) > 0 FROM pg_prepared_statements "
             "WHERE statement = %s AND NOT from_sql AND name <> ''"
         )
-        assert c.execute(find, (numbered(read),)).fetchone() == (env.replica, True)
         with c.transaction():
+            c.execute(read, (1,))
+            assert c.execute(find, (numbered(read),)).fetchone() == (env.primary, True)
+        with c.transaction():
+            c.execute(write, (2000, 2))
             assert c.execute(find, (numbered(write),)).fetchone() == (
                 env.primary,
                 True,
