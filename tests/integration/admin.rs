@@ -47,6 +47,8 @@ async fn metrics_and_health_are_served() {
         "pgsplit_primary_up 1",
         "pgsplit_replica_up 1",
         "pgsplit_read_only_retries_total 0",
+        "# TYPE pgsplit_missing_object_retries_total counter",
+        "pgsplit_missing_object_retries_total{sqlstate=\"42P01\"} 0",
     ] {
         assert!(body.contains(needle), "{needle:?} missing from:\n{body}");
     }

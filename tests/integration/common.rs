@@ -313,3 +313,34 @@ pub fn extended(b: &mut bytes::BytesMut, sql: &str) {
     pgsplit_protocol::encode::execute(b, "", 0);
     pgsplit_protocol::encode::sync(b);
 }
+
+/// A client program of the installed PostgreSQL (psql, pgbench), blind to
+/// the environment's PGHOST and PGPORT.
+pub fn pg_tool(name: &str) -> std::process::Command {
+    let bins = pgsplit_lab::PgBinaries::locate().expect("PostgreSQL binaries");
+    let mut c = std::process::Command::new(bins.tool(name));
+    c.env_remove("PGHOST")
+        .env_remove("PGPORT")
+        .env("PGCONNECT_TIMEOUT", "10");
+    c
+}
+
+/// Runs `c` to its end; its output (stdout, then stderr). Panics with it
+/// when `c` fails.
+pub fn run_tool(mut c: std::process::Command) -> String {
+    let out = tokio::task::block_in_place(|| c.output()).expect("tool runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{c:?} failed:\n{text}");
+    text
+}
+
+/// `pgbench args… <stack's url>`: its output.
+pub fn pgbench(stack: &Stack, args: &[&str]) -> String {
+    let mut c = pg_tool("pgbench");
+    c.args(args).arg(stack.url());
+    run_tool(c)
+}

@@ -713,31 +713,15 @@ async fn pgbench_runs_right_after_its_own_init_on_a_lagging_replica() {
     // pgbench looks its tables up in the catalog on a new connection
     // first: that read must see what `pgbench -i` just did.
     let s = lagging_stack("1s", &["routing.read_your_writes_scope=proxy"]);
-    let bins = pgsplit_lab::PgBinaries::locate().expect("PostgreSQL binaries");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(bins.tool("pgbench"))
-            .env_remove("PGHOST")
-            .env_remove("PGPORT")
-            .args(args)
-            .arg(s.url())
-            .output()
-            .expect("pgbench runs");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+    pgbench(&s, &["-i", "-s", "1", "-q"]);
+    // At once: the replica has none of pgbench's tables yet.
+    for mode in ["simple", "prepared"] {
+        let out = pgbench(
+            &s,
+            &["-S", "-M", mode, "-c", "2", "-j", "2", "-t", "20", "-n"],
         );
-        assert!(out.status.success(), "{args:?}:\n{text}");
-        text
-    };
-    tokio::task::block_in_place(|| {
-        run(&["-i", "-s", "1", "-q"]);
-        // At once: the replica has none of pgbench's tables yet.
-        for mode in ["simple", "prepared"] {
-            let out = run(&["-S", "-M", mode, "-c", "2", "-j", "2", "-t", "20", "-n"]);
-            assert!(out.contains("number of failed transactions: 0"), "{out}");
-        }
-    });
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

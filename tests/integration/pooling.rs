@@ -359,44 +359,24 @@ async fn the_same_statement_names_in_two_sessions_on_one_connection_never_collid
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_prepared_with_more_clients_than_the_pool_holds_fails_nothing() {
     let s = stack_set(&["pool.size=4"]);
-    let url = s.url();
-    let run = |args: &[&str]| {
-        let bins = pgsplit_lab::PgBinaries::locate().expect("PostgreSQL binaries");
-        let out = std::process::Command::new(bins.tool("pgbench"))
-            .env_remove("PGHOST")
-            .env_remove("PGPORT")
-            .args(args)
-            .arg(&url)
-            .output()
-            .expect("pgbench runs");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+    pgbench(&s, &["-i", "-s", "1", "-q"]);
+    caught_up(&s);
+    for script in [&["-S"][..], &[][..]] {
+        // A thread per client: pgbench prepares with a blocking call,
+        // which would stall the other clients of its thread, and the
+        // connections their open transactions hold, until it returns.
+        let mut args = vec!["-M", "prepared", "-c", "16", "-j", "16", "-t", "30", "-n"];
+        args.extend_from_slice(script);
+        let out = pgbench(&s, &args);
+        assert!(
+            out.contains("number of failed transactions: 0"),
+            "{args:?}:\n{out}"
         );
-        assert!(out.status.success(), "{args:?}:\n{text}");
-        text
-    };
-    tokio::task::block_in_place(|| {
-        run(&["-i", "-s", "1", "-q"]);
-        caught_up(&s);
-        for script in [&["-S"][..], &[][..]] {
-            // A thread per client: pgbench prepares with a blocking call,
-            // which would stall the other clients of its thread, and the
-            // connections their open transactions hold, until it returns.
-            let mut args = vec!["-M", "prepared", "-c", "16", "-j", "16", "-t", "30", "-n"];
-            args.extend_from_slice(script);
-            let out = run(&args);
-            assert!(
-                out.contains("number of failed transactions: 0"),
-                "{args:?}:\n{out}"
-            );
-            assert!(
-                out.contains("number of transactions actually processed: 480/480"),
-                "{args:?}:\n{out}"
-            );
-        }
-    });
+        assert!(
+            out.contains("number of transactions actually processed: 480/480"),
+            "{args:?}:\n{out}"
+        );
+    }
     assert!(server_connections(&s, Which::Primary) <= 4);
     assert!(server_connections(&s, Which::Replica) <= 4);
 }

@@ -1,55 +1,25 @@
 //! The command-line clients people use: psql and pgbench.
 
-use std::process::Command;
-
-use pgsplit_lab::PgBinaries;
-
 use crate::common::*;
-
-fn tool(name: &str) -> Command {
-    let bins = PgBinaries::locate().expect("PostgreSQL binaries");
-    let mut c = Command::new(bins.tool(name));
-    c.env_remove("PGHOST")
-        .env_remove("PGPORT")
-        .env("PGCONNECT_TIMEOUT", "10");
-    c
-}
-
-fn run(mut c: Command) -> String {
-    let out = tokio::task::block_in_place(|| c.output()).expect("tool runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{c:?} failed:\n{text}");
-    text
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_works_through_pgsplit() {
     let s = stack();
-    let mut c = tool("psql");
+    let mut c = pg_tool("psql");
     c.arg(s.url())
         .args(["-X", "-v", "ON_ERROR_STOP=1", "-At"])
         .args(["-c", "CREATE TABLE ps (id int PRIMARY KEY, t text)"])
         .args(["-c", "INSERT INTO ps VALUES (1, 'a'), (2, 'b')"]);
-    run(c);
+    run_tool(c);
     caught_up(&s);
-    let mut c = tool("psql");
+    let mut c = pg_tool("psql");
     c.arg(s.url())
         .args(["-X", "-v", "ON_ERROR_STOP=1", "-At"])
         .args(["-c", "\\d ps"])
         .args(["-c", "SELECT inet_server_port()"]);
-    let out = run(c);
+    let out = run_tool(c);
     assert!(out.contains("id|integer||not null|"), "\\d output:\n{out}");
     assert!(out.contains(&replica_port(&s).to_string()), "{out}");
-}
-
-fn pgbench(s: &pgsplit_lab::stack::Stack, args: &[&str]) -> String {
-    let mut c = tool("pgbench");
-    c.args(args).arg(s.url());
-    run(c)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

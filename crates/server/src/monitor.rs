@@ -60,7 +60,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             }
             continue;
         }
-        let started = std::time::Instant::now();
+        let poll_no = shared.replication.start_poll();
         let (p, r) = tokio::join!(
             poll(&shared, Target::Primary, &mut primary, &login, PRIMARY_POLL),
             poll(&shared, Target::Replica, &mut replica, &login, REPLICA_POLL),
@@ -75,7 +75,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 .and_then(|row| row.first().cloned().flatten().and_then(|s| parse_lsn(&s)));
             shared.replication.set_primary(lsn, silent);
             if let Some(l) = lsn {
-                shared.replication.sampled_primary(l, started);
+                shared.replication.sampled_primary(l, poll_no);
             }
         }
         if r == Err(Failure::Refused) {

@@ -6,7 +6,10 @@
 //! is a handful of atomics: no lock, no allocation on the hot path. The
 //! monitor (`monitor`) is its only writer.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicI64, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -29,9 +32,13 @@ pub struct Replication {
     replica_polls: AtomicU64,
     /// When the primary's WAL positions were first seen (monitor only).
     seen: Mutex<Seen>,
-    /// The last primary position the monitor read, and when it started
-    /// that poll: the primary had at most this much when the poll left.
-    sampled: Mutex<Option<(u64, Instant)>>,
+    /// Primary polls the monitor has started, and the last position one
+    /// of them read with that poll's number: the primary had at most this
+    /// much when the poll left. (Numbers, not times: a session notes the
+    /// count when it sends a read, with one atomic load.)
+    polls_started: AtomicU64,
+    sampled_lsn: AtomicU64,
+    sampled_poll: AtomicU64,
     /// Reads waiting for the replica to replay (`max_wait_for_replica`),
     /// and the monitor's wake-up for them: while any waits, it polls the
     /// replica's replay position every few milliseconds.
@@ -56,7 +63,9 @@ impl Default for Replication {
             replica_replaying: AtomicBool::new(true),
             replica_polls: AtomicU64::new(0),
             seen: Mutex::new(Seen::default()),
-            sampled: Mutex::new(None),
+            polls_started: AtomicU64::new(0),
+            sampled_lsn: AtomicU64::new(0),
+            sampled_poll: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
             enabled: AtomicBool::new(false),
@@ -264,17 +273,28 @@ impl Replication {
             .send_if_modified(|v| std::mem::replace(v, link_up) != link_up);
     }
 
-    /// Records the primary position read by a poll that started at
-    /// `started` (the monitor, behind [`Replication::set_primary`]).
-    pub(crate) fn sampled_primary(&self, lsn: u64, started: Instant) {
-        *self.sampled.lock().unwrap_or_else(|e| e.into_inner()) = Some((lsn, started));
+    /// The monitor starts a primary poll; returns its number.
+    pub(crate) fn start_poll(&self) -> u64 {
+        self.polls_started.fetch_add(1, Relaxed) + 1
     }
 
-    /// The primary's position as read by a poll that started at or after
-    /// `t`, if one has come back since.
-    pub fn primary_sampled_since(&self, t: Instant) -> Option<u64> {
-        let s = *self.sampled.lock().unwrap_or_else(|e| e.into_inner());
-        s.filter(|(_, at)| *at >= t).map(|(l, _)| l)
+    /// Primary polls started so far (a session notes it when it sends a
+    /// read).
+    pub fn polls_started(&self) -> u64 {
+        self.polls_started.load(Relaxed)
+    }
+
+    /// Records the primary position read by poll number `poll`.
+    pub(crate) fn sampled_primary(&self, lsn: u64, poll: u64) {
+        self.sampled_lsn.store(lsn, Relaxed);
+        self.sampled_poll.store(poll, Release);
+    }
+
+    /// The primary's position as read by a poll started after `polls`
+    /// polls had been (see [`Replication::polls_started`]), if one has
+    /// come back since. (A later sample's position can only be larger.)
+    pub fn primary_sampled_after(&self, polls: u64) -> Option<u64> {
+        (self.sampled_poll.load(Acquire) > polls).then(|| self.sampled_lsn.load(Relaxed))
     }
 
     /// Whether the primary link is known to be silent (heartbeat got no

@@ -394,9 +394,9 @@ pub(crate) struct Session {
     retry: Option<Retry>,
     /// The replica refused `retry`: run it on the primary next.
     retry_due: bool,
-    /// When the retryable read in flight was sent, and the replica's
-    /// replay position known then.
-    retry_sent: (Instant, u64),
+    /// Of the retryable read in flight: the primary polls started when it
+    /// was sent, and the replica's replay position known then.
+    retry_sent: (u64, u64),
     /// The retry due is for an object the replica may not have replayed
     /// yet (the index of its SQLSTATE in `stats::MISSING`), not a write.
     retry_missing: Option<usize>,
@@ -527,7 +527,7 @@ impl Session {
             ignore_lsn: false,
             retry: None,
             retry_due: false,
-            retry_sent: (Instant::now(), 0),
+            retry_sent: (0, 0),
             retry_missing: None,
             retry_frames: Vec::new(),
             retry_meta: Vec::new(),
@@ -1001,10 +1001,8 @@ impl Session {
     /// replies back); returns the backend.
     fn client_cycle(&mut self, t: Target, p: Pending) -> &mut Backend {
         if p.retryable {
-            self.retry_sent = (
-                Instant::now(),
-                self.shared.replication.replay_lsn().unwrap_or(0),
-            );
+            let rep = &self.shared.replication;
+            self.retry_sent = (rep.polls_started(), rep.replay_lsn().unwrap_or(0));
         }
         let b = self.backends[idx(t)].as_mut().expect("ensured");
         b.hold = p.retryable;
@@ -1449,12 +1447,12 @@ impl Session {
     /// position read after the read was sent is no further than what the
     /// replica had replayed before it, or nothing can be asked of the
     /// primary.
-    fn replica_may_lack(rep: &crate::replication::Replication, sent: (Instant, u64)) -> bool {
+    fn replica_may_lack(rep: &crate::replication::Replication, sent: (u64, u64)) -> bool {
         if rep.primary_link_down() {
             return false;
         }
-        let (sent, replayed) = sent;
-        !rep.primary_sampled_since(sent)
+        let (polls, replayed) = sent;
+        !rep.primary_sampled_after(polls)
             .is_some_and(|p| p <= replayed && replayed > 0)
     }
 
@@ -1561,9 +1559,10 @@ impl Session {
             // writes can run.
             class.kind = StmtKind::Write;
         }
-        let named_closes_only = synced
+        let closes_only = self.batch_only_closes();
+        let named_closes_only = closes_only
+            && synced
             && self.copy_in.is_none()
-            && self.batch_only_closes()
             && self
                 .batch
                 .meta
@@ -1574,7 +1573,7 @@ impl Session {
                 Meta::Other => true,
                 _ => false,
             });
-        if (self.virtual_failed || named_closes_only) && self.batch_only_closes() {
+        if (self.virtual_failed && closes_only) || named_closes_only {
             // Closing statements works in a failed block, as on a server;
             // and it is not where the client learns its block was lost
             // (drivers drop these answers). A named statement's server
