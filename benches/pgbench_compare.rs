@@ -9,9 +9,12 @@
 //! them; TPC-B with the primary. pgsplit and PgBouncer reach the local
 //! replica through its unix socket, as a node-local deployment would
 //! (`PGSPLIT_BENCH_TCP=1` makes them use TCP); pgbench always uses TCP. pgsplit reaches the primary directly here
-//! (no fault tunnel) so the figure is the proxy's own cost. PgBouncer (in
-//! session mode, the mode that supports every `-M`) is skipped with a note
-//! when it is not installed. Prints a table of TPS, latency and ratios.
+//! (no fault tunnel) so the figure is the proxy's own cost. PgBouncer runs
+//! in transaction mode, as pgsplit pools by default, both with pools of
+//! `POOL_SIZE`; it is skipped with a note when it is not installed. A
+//! pgbench run that fails outright shows as "fails" (PgBouncer before 1.21
+//! cannot run `-M prepared` in transaction mode). Prints a table of TPS,
+//! latency, ratios and failed transactions.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -21,6 +24,11 @@ use std::time::Duration;
 
 use pgsplit_lab::stack::{Stack, StackOptions};
 use pgsplit_lab::PgBinaries;
+
+/// Server connections per pool in both proxies (pgsplit's `pool.size`,
+/// PgBouncer's `default_pool_size`): the `-c 50` cases have five clients per
+/// connection.
+const POOL_SIZE: u32 = 10;
 
 struct Args {
     duration: u32,
@@ -74,13 +82,16 @@ struct Case {
     select_only: bool,
     mode: &'static str,
     clients: u32,
+    /// A new connection per transaction (`-C`).
+    connect: bool,
 }
 
 impl Case {
     fn label(&self) -> String {
         format!(
-            "{} -M {} -c{}",
+            "{}{} -M {} -c{}",
             if self.select_only { "-S   " } else { "tpcb " },
+            if self.connect { "-C " } else { "" },
             self.mode,
             self.clients
         )
@@ -96,6 +107,9 @@ struct Sample {
     cpu_us: f64,
     /// Context switches of the proxy per transaction.
     switches: f64,
+    /// pgbench itself failed (exit status), e.g. a proxy that cannot run
+    /// the mode.
+    broken: bool,
 }
 
 /// utime + stime of a process, in seconds.
@@ -155,15 +169,21 @@ fn measured(
 
 fn run_pgbench(bins: &PgBinaries, url: &str, case: Case, duration: u32) -> Sample {
     let mut c = Command::new(bins.tool("pgbench"));
+    // More clients than a pool holds need a thread each: pgbench's
+    // prepare step blocks its thread, and the open transactions of the
+    // thread's other clients hold their connections meanwhile.
+    let threads = if case.clients > POOL_SIZE {
+        case.clients
+    } else {
+        case.clients.min(2)
+    };
     c.args(["-n", "-M", case.mode, "-T", &duration.to_string()])
-        .args([
-            "-c",
-            &case.clients.to_string(),
-            "-j",
-            &case.clients.min(2).to_string(),
-        ]);
+        .args(["-c", &case.clients.to_string(), "-j", &threads.to_string()]);
     if case.select_only {
         c.arg("-S");
+    }
+    if case.connect {
+        c.arg("-C");
     }
     c.arg(url);
     let out = c.output().expect("pgbench runs");
@@ -171,7 +191,10 @@ fn run_pgbench(bins: &PgBinaries, url: &str, case: Case, duration: u32) -> Sampl
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         eprintln!("pgbench failed for {}:\n{text}", case.label());
-        return Sample::default();
+        return Sample {
+            broken: true,
+            ..Sample::default()
+        };
     }
     let find = |prefix: &str| -> Option<f64> {
         text.lines()
@@ -185,10 +208,11 @@ fn run_pgbench(bins: &PgBinaries, url: &str, case: Case, duration: u32) -> Sampl
         failed: find("number of failed transactions: ").unwrap_or(0.0) as u64,
         cpu_us: 0.0,
         switches: 0.0,
+        broken: false,
     }
 }
 
-/// A PgBouncer in session mode with one database per backend.
+/// A PgBouncer in transaction mode with one database per backend.
 struct Bouncer {
     child: Child,
     port: u16,
@@ -218,8 +242,8 @@ fn start_pgbouncer(
     let ini = format!(
         "[databases]\nreplica = host={} port={} dbname=app\nprimary = host={} port={} dbname=app\n\
          [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
-         auth_type = scram-sha-256\nauth_file = {}/users.txt\npool_mode = session\n\
-         max_client_conn = 200\ndefault_pool_size = 20\nlogfile = {}/pgbouncer.log\n",
+         auth_type = scram-sha-256\nauth_file = {}/users.txt\npool_mode = transaction\n\
+         max_client_conn = 200\ndefault_pool_size = {POOL_SIZE}\nlogfile = {}/pgbouncer.log\n",
         replica.0,
         replica.1,
         primary.ip(),
@@ -298,9 +322,12 @@ impl Drop for Bouncer {
 fn main() {
     let args = parse_args();
     let bins = PgBinaries::locate().expect("PostgreSQL binaries");
-    let set: Vec<String> = std::env::var("PGSPLIT_BENCH_SET")
-        .map(|v| v.split_whitespace().map(str::to_owned).collect())
-        .unwrap_or_default();
+    let mut set = vec![format!("pool.size={POOL_SIZE}")];
+    set.extend(
+        std::env::var("PGSPLIT_BENCH_SET")
+            .map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .unwrap_or_default(),
+    );
     let stack = Stack::start(StackOptions {
         primary_through_tunnel: false,
         replica_via_unix_socket: std::env::var("PGSPLIT_BENCH_TCP").is_err(),
@@ -343,29 +370,44 @@ fn main() {
         &user,
         &pw,
     );
+    let bouncer_version = bouncer.as_ref().map(|_| {
+        ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .find_map(|p| Command::new(p).arg("--version").output().ok())
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    });
     if bouncer.is_none() {
         eprintln!(
             "note: pgbouncer not installed (apt-get install pgbouncer); its column is skipped"
         );
     }
+    let case = |select_only, mode, clients, connect| Case {
+        select_only,
+        mode,
+        clients,
+        connect,
+    };
     let mut cases = Vec::new();
     for mode in ["simple", "extended", "prepared"] {
-        cases.push(Case {
-            select_only: true,
-            mode,
-            clients: 8,
-        });
+        cases.push(case(true, mode, 8, false));
         if !args.quick {
-            cases.push(Case {
-                select_only: false,
-                mode,
-                clients: 8,
-            });
-            cases.push(Case {
-                select_only: true,
-                mode,
-                clients: 1,
-            });
+            cases.push(case(false, mode, 8, false));
+            cases.push(case(true, mode, 1, false));
+        }
+    }
+    if !args.quick {
+        // A new connection per transaction (SCRAM each time).
+        cases.push(case(true, "simple", 8, true));
+        // More clients than the pool holds.
+        for mode in ["simple", "extended", "prepared"] {
+            cases.push(case(false, mode, 50, false));
         }
     }
     let n = cases.len();
@@ -419,7 +461,7 @@ fn main() {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n{:<26} {:>10} {:>10} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>7}",
+        "\n{:<26} {:>10} {:>10} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>7} {:>7}",
         "case",
         "direct",
         "pgsplit",
@@ -432,7 +474,8 @@ fn main() {
         "cpu/tx bo",
         "cs/tx sp",
         "cs/tx bo",
-        "failed"
+        "fail sp",
+        "fail bo"
     );
     for (i, case) in cases.iter().enumerate() {
         let (dt, st, bt) = (
@@ -440,7 +483,13 @@ fn main() {
             mean(&split[i], |s| s.tps),
             mean(&bounce[i], |s| s.tps),
         );
-        let failed: u64 = split[i].iter().map(|s| s.failed).sum();
+        let failed = |v: &[Sample]| -> String {
+            if v.iter().any(|s| s.broken) {
+                "fails".into()
+            } else {
+                v.iter().map(|s| s.failed).sum::<u64>().to_string()
+            }
+        };
         let ratio = |x: f64| {
             if dt > 0.0 {
                 format!("{:.2}", x / dt)
@@ -450,7 +499,7 @@ fn main() {
         };
         let _ = writeln!(
             out,
-                        "{:<26} {:>10.0} {:>10.0} {:>10} {:>8} {:>9} {:>7.3}ms {:>7.3}ms {:>7.1}µs {:>7.1}µs {:>6.2} {:>6.2} {:>7}",
+                        "{:<26} {:>10.0} {:>10.0} {:>10} {:>8} {:>9} {:>7.3}ms {:>7.3}ms {:>7.1}µs {:>7.1}µs {:>6.2} {:>6.2} {:>7} {:>7}",
             case.label(),
             dt,
             st,
@@ -463,12 +512,20 @@ fn main() {
                         mean(&bounce[i], |s| s.cpu_us),
             mean(&split[i], |s| s.switches),
             mean(&bounce[i], |s| s.switches),
-            failed,
+            failed(&split[i]),
+            if bouncer.is_some() { failed(&bounce[i]) } else { "-".into() },
         );
     }
     println!("{out}");
     println!(
         "{} s per run, {} round(s), scale {}, reads vs the replica, TPC-B vs the primary; ratios are TPS / direct TPS",
         args.duration, args.rounds, args.scale
+    );
+    println!(
+        "pools of {POOL_SIZE} server connections; pgsplit in its default transaction pooling; {}",
+        match &bouncer_version {
+            Some(v) => format!("{v} in transaction mode (pool_mode = transaction)"),
+            None => "PgBouncer not installed".into(),
+        }
     );
 }

@@ -4,13 +4,15 @@
 //! deployment pgsplit is for.
 //!
 //! ```text
-//! cargo run --release -p pgsplit-benches --bin ryw-lag -- [--duration 5] [--lag-ms 500] [--tunnel-ms 10] [--sessions 4] [--reads-per-write 50]
+//! cargo run --release -p pgsplit-benches --bin ryw-lag -- [--duration 5] [--lag-ms 500] [--tunnel-ms 10] [--sessions 4] [--reads-per-write 9]
 //! ```
 //!
 //! Each session loops: insert a row, read it back at once, then run
-//! `--reads-per-write` (50) other reads. Printed per mode: reads per
-//! second, the share of reads the replica served, and how many read-backs
-//! missed their own write.
+//! `--reads-per-write` (9: 10 % of statements write) other reads. Printed
+//! per configuration (`read_your_writes` mode, and for `lsn` its scope and
+//! `max_wait_for_replica`): reads per second, the share of reads the
+//! replica served, p50/p99 read latency, and how many read-backs missed
+//! their own write (or, in `proxy` scope, any write before it).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -33,7 +35,7 @@ fn parse_args() -> Args {
         lag_ms: 500,
         tunnel_ms: 10,
         sessions: 4,
-        reads: 50,
+        reads: 9,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -57,15 +59,11 @@ fn parse_args() -> Args {
 struct Outcome {
     cycles: u64,
     missed: u64,
+    /// Every read's latency, in µs.
+    latencies: Vec<u32>,
 }
 
-async fn session(
-    conn: String,
-    mode: &'static str,
-    id: usize,
-    reads: u64,
-    until: Instant,
-) -> Outcome {
+async fn session(conn: String, mode: String, id: usize, reads: u64, until: Instant) -> Outcome {
     let (c, connection) = tokio_postgres::connect(&conn, NoTls)
         .await
         .expect("connect");
@@ -85,18 +83,23 @@ async fn session(
     let mut out = Outcome {
         cycles: 0,
         missed: 0,
+        latencies: Vec::new(),
     };
     let mut n = 0u64;
     while Instant::now() < until {
         n += 1;
         let key = format!("{mode}-{id}-{n}");
         c.execute(&insert, &[&key]).await.unwrap();
+        let at = Instant::now();
         let seen: i64 = c.query_one(&own, &[&key]).await.unwrap().get(0);
+        out.latencies.push(at.elapsed().as_micros() as u32);
         if seen != 1 {
             out.missed += 1;
         }
         for _ in 0..reads {
+            let at = Instant::now();
             c.query_one(&other, &[&"pg_class"]).await.unwrap();
+            out.latencies.push(at.elapsed().as_micros() as u32);
         }
         out.cycles += 1;
     }
@@ -105,7 +108,7 @@ async fn session(
 
 fn main() {
     let args = parse_args();
-    let stack = Stack::start(StackOptions {
+    let mut stack = Stack::start(StackOptions {
         lab: LabOptions {
             extra_conf: vec![(
                 "recovery_min_apply_delay".into(),
@@ -139,21 +142,63 @@ fn main() {
         args.sessions, args.duration, args.lag_ms, args.tunnel_ms
     );
     println!(
-        "{:<8} {:>10} {:>14} {:>16} {:>14}",
-        "mode", "reads/s", "reads replica", "reads primary", "missed writes"
+        "{:<24} {:>9} {:>14} {:>9} {:>9} {:>8}",
+        "configuration", "reads/s", "reads replica", "p50 ms", "p99 ms", "missed"
     );
-    let mut stack = stack;
-    for mode in ["off", "lsn", "session", "window"] {
-        stack
-            .restart_proxy(&[format!("routing.read_your_writes={mode}")])
-            .expect("proxy restarts");
+    let configurations: &[(&str, &[&str])] = &[
+        ("off", &["routing.read_your_writes=off"]),
+        (
+            "lsn session wait 0",
+            &[
+                "routing.read_your_writes=lsn",
+                "routing.read_your_writes_scope=session",
+            ],
+        ),
+        (
+            "lsn session wait 20ms",
+            &[
+                "routing.read_your_writes=lsn",
+                "routing.read_your_writes_scope=session",
+                "routing.max_wait_for_replica=20ms",
+            ],
+        ),
+        (
+            "lsn proxy wait 0",
+            &[
+                "routing.read_your_writes=lsn",
+                "routing.read_your_writes_scope=proxy",
+            ],
+        ),
+        (
+            "lsn proxy wait 20ms",
+            &[
+                "routing.read_your_writes=lsn",
+                "routing.read_your_writes_scope=proxy",
+                "routing.max_wait_for_replica=20ms",
+            ],
+        ),
+        ("session", &["routing.read_your_writes=session"]),
+        ("window", &["routing.read_your_writes=window"]),
+    ];
+    for (label, sets) in configurations {
+        let mode = label.split(' ').next().unwrap_or(label);
+        let sets: Vec<String> = sets.iter().map(|s| (*s).to_owned()).collect();
+        stack.restart_proxy(&sets).expect("proxy restarts");
         let conn = stack.conn_string();
         let shared = stack.proxy().shared().clone();
         let until = Instant::now() + Duration::from_secs(args.duration);
         let started = Instant::now();
         let outcomes = rt.block_on(async {
             let tasks: Vec<_> = (0..args.sessions)
-                .map(|i| tokio::spawn(session(conn.clone(), mode, i, args.reads, until)))
+                .map(|i| {
+                    tokio::spawn(session(
+                        conn.clone(),
+                        format!("{label}-{mode}"),
+                        i,
+                        args.reads,
+                        until,
+                    ))
+                })
                 .collect();
             let mut v = Vec::new();
             for t in tasks {
@@ -172,12 +217,25 @@ fn main() {
         } else {
             0.0
         };
+        let mut lat: Vec<u32> = outcomes
+            .iter()
+            .flat_map(|o| o.latencies.iter().copied())
+            .collect();
+        lat.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            let i = ((lat.len() as f64 * p) as usize).min(lat.len() - 1);
+            f64::from(lat[i]) / 1000.0
+        };
         println!(
-            "{:<8} {:>10.0} {:>13.1}% {:>15.1}% {:>14}",
-            mode,
+            "{:<24} {:>9.0} {:>13.1}% {:>9.2} {:>9.2} {:>8}",
+            label,
             reads as f64 / secs,
             share,
-            100.0 - share,
+            pct(0.50),
+            pct(0.99),
             missed
         );
     }

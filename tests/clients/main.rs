@@ -1,10 +1,21 @@
 //! Client compatibility suite: real drivers and frameworks against pgsplit,
 //! one test per language (see `tests/clients/README.md`).
 //!
-//! Each test runs `tests/clients/<lang>/setup`, starts its own lab stack
-//! with read-your-writes routing off, makes replication synchronous (a
-//! commit returns once the replica has applied it, so the cases read their
-//! own writes from the replica), then runs `tests/clients/<lang>/run`. Their
+//! Each test runs `tests/clients/<lang>/setup`, starts its own lab stack,
+//! then runs `tests/clients/<lang>/run` in one of three setups ([`Mode`]):
+//! - transaction pooling on pools of two connections (`python`, `node`,
+//!   `java`, `cli`) and session pooling (`…_session_mode`), each with
+//!   read-your-writes routing off and replication made synchronous (a
+//!   commit returns once the replica has applied it, so the cases read
+//!   their own writes from the replica, and every read outside a block is
+//!   expected there);
+//! - under lag (`…_under_lag`): asynchronous replication, the replica
+//!   replaying a second late, and pgsplit's defaults but for
+//!   `read_your_writes_scope = "proxy"` (the cases check their writes from
+//!   new connections, as connect-per-request apps do). A read may then run
+//!   on the primary; what each client reads of its writes is checked.
+//!
+//! Their
 //! output is streamed as it comes and repeated in the failure message. A
 //! step that takes too long is killed, with everything it started, and
 //! fails.
@@ -45,24 +56,77 @@ const WRAPPED_WRITES: &str = "timeouts.commit_resolution=\"all\"";
 /// Lines of output kept for the failure message.
 const KEPT_LINES: usize = 400;
 
+/// How the proxy and the replication are set up for a run of the cases.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Transaction pooling (the default) on pools of two connections.
+    SmallPool,
+    /// `pool.mode = "session"`: a server connection per client.
+    SessionPool,
+    /// Asynchronous replication, the replica `LAG` behind.
+    Lag,
+}
+
+/// The replica's `recovery_min_apply_delay` in `Mode::Lag`.
+const LAG: Duration = Duration::from_secs(1);
+
+/// pgbench's seconds per run in the modes beyond the first (their cases
+/// are about correctness, not throughput).
+const SHORT_PGBENCH_SECONDS: &str = "3";
+
 #[test]
 fn python() {
-    language("python");
+    language("python", Mode::SmallPool);
 }
 
 #[test]
 fn node() {
-    language("node");
+    language("node", Mode::SmallPool);
 }
 
 #[test]
 fn java() {
-    language("java");
+    language("java", Mode::SmallPool);
 }
 
 #[test]
 fn cli() {
-    language("cli");
+    language("cli", Mode::SmallPool);
+}
+
+#[test]
+fn python_session_mode() {
+    language("python", Mode::SessionPool);
+}
+
+#[test]
+fn node_session_mode() {
+    language("node", Mode::SessionPool);
+}
+
+#[test]
+fn java_session_mode() {
+    language("java", Mode::SessionPool);
+}
+
+#[test]
+fn cli_session_mode() {
+    language("cli", Mode::SessionPool);
+}
+
+#[test]
+fn python_under_lag() {
+    language("python", Mode::Lag);
+}
+
+#[test]
+fn node_under_lag() {
+    language("node", Mode::Lag);
+}
+
+#[test]
+fn cli_under_lag() {
+    language("cli", Mode::Lag);
 }
 
 fn repo_root() -> PathBuf {
@@ -72,7 +136,7 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn language(lang: &str) {
+fn language(lang: &str, mode: Mode) {
     let dir = repo_root().join("tests/clients").join(lang);
     let setup = dir.join("setup");
     let run = dir.join("run");
@@ -106,12 +170,42 @@ fn language(lang: &str) {
         step(lang, "setup", Command::new(&setup), &env, SETUP_TIMEOUT);
     }
 
-    let stack = Stack::start(StackOptions {
-        set: vec![READ_YOUR_WRITES_OFF.to_owned(), WRAPPED_WRITES.to_owned()],
-        ..StackOptions::default()
-    })
-    .expect("lab stack starts");
-    make_synchronous(&stack);
+    let mut opts = StackOptions::default();
+    match mode {
+        Mode::SmallPool | Mode::SessionPool => {
+            opts.set = vec![READ_YOUR_WRITES_OFF.to_owned(), WRAPPED_WRITES.to_owned()];
+            opts.set.push(if mode == Mode::SmallPool {
+                "pool.size=2".to_owned()
+            } else {
+                "pool.mode=\"session\"".to_owned()
+            });
+        }
+        Mode::Lag => {
+            opts.set = vec!["routing.read_your_writes_scope=\"proxy\"".to_owned()];
+            opts.lab.extra_conf.push((
+                "recovery_min_apply_delay".into(),
+                format!("{}ms", LAG.as_millis()),
+            ));
+            env.push((
+                "PGSPLIT_CLIENTS_LAG_MS".to_owned(),
+                LAG.as_millis().to_string(),
+            ));
+        }
+    }
+    if mode == Mode::SmallPool {
+        // pgbench -M prepared on a pool smaller than its clients needs a
+        // thread per client (see `cli/run`).
+        env.push(("PGSPLIT_PGBENCH_THREADS".to_owned(), "8".to_owned()));
+    } else {
+        env.push((
+            "PGSPLIT_PGBENCH_SECONDS".to_owned(),
+            SHORT_PGBENCH_SECONDS.to_owned(),
+        ));
+    }
+    let stack = Stack::start(opts).expect("lab stack starts");
+    if mode != Mode::Lag {
+        make_synchronous(&stack);
+    }
     let lab = &stack.options().lab;
     let primary = stack.cluster().primary_addr();
     env.extend([
@@ -133,7 +227,12 @@ fn language(lang: &str) {
             ),
         ),
     ]);
-    step(lang, "run", Command::new(&run), &env, RUN_TIMEOUT);
+    let mut cmd = Command::new(&run);
+    // For a developer: run only some cases (the runner's own arguments).
+    if let Ok(only) = std::env::var("PGSPLIT_CLIENTS_ONLY") {
+        cmd.args(only.split_whitespace());
+    }
+    step(lang, "run", cmd, &env, RUN_TIMEOUT);
     drop(stack);
 }
 

@@ -407,3 +407,97 @@ async fn a_connections_statement_cache_stays_bounded_and_statements_still_run() 
     assert!(on_server <= 520, "{on_server}");
     assert!(on_server < 100, "emptied once past 500: {on_server}");
 }
+
+/// A client's cancel reaches its own statement, and never another
+/// client's, even when it races the connection's return to the pool and
+/// the other client's lease of it: on a pool of one, two clients take
+/// turns on one server connection while the first one's cancels fire all
+/// the time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_racing_a_lease_return_never_reaches_another_client() {
+    use tokio_postgres::error::SqlState;
+    let s = stack_set(&["pool.size=1", "pool.min_idle=0"]);
+    let a = client(&s).await;
+    let b = client(&s).await;
+
+    // Its own long statement is cancelled.
+    let token = a.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    let e = a.simple_query("SELECT pg_sleep(5)").await.unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::QUERY_CANCELED), "{e}");
+    canceller.await.unwrap();
+
+    let stop = Instant::now() + Duration::from_secs(3);
+    let token = a.cancel_token();
+    let canceller = tokio::spawn(async move {
+        let mut sent = 0u32;
+        while Instant::now() < stop {
+            if token.cancel_query(tokio_postgres::NoTls).await.is_ok() {
+                sent += 1;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        sent
+    });
+    let a_loop = tokio::spawn(async move {
+        let (mut ran, mut cancelled) = (0u32, 0u32);
+        while Instant::now() < stop {
+            match a.simple_query("SELECT pg_sleep(0.002)").await {
+                Ok(_) => ran += 1,
+                Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => cancelled += 1,
+                Err(e) => panic!("the cancelling client's statement failed otherwise: {e}"),
+            }
+        }
+        (ran, cancelled)
+    });
+    let mut b_ran = 0u32;
+    while Instant::now() < stop {
+        b.simple_query("SELECT pg_sleep(0.002)")
+            .await
+            .unwrap_or_else(|e| panic!("another client's cancel reached this client: {e}"));
+        b_ran += 1;
+    }
+    let sent = canceller.await.unwrap();
+    let (a_ran, a_cancelled) = a_loop.await.unwrap();
+    assert!(sent > 200, "only {sent} cancels were sent");
+    assert!(b_ran > 50, "the other client ran only {b_ran} statements");
+    assert!(
+        a_ran + a_cancelled > 50,
+        "the cancelling client ran only {a_ran} statements ({a_cancelled} cancelled)"
+    );
+}
+
+/// A client that pinned its primary connection and then released what
+/// pinned it (asyncpg does `UNLISTEN *` and friends as it returns a
+/// connection to its pool) and then sits idle does not keep that
+/// connection out of the pool: the pin is checked when the client goes
+/// quiet, not at its next read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_pin_frees_the_connection_while_its_client_sits_idle() {
+    let s = stack_set(&["pool.size=1", "pool.min_idle=0", "pool.checkout_timeout=2s"]);
+    let setup = client(&s).await;
+    setup
+        .batch_execute("CREATE TABLE after_unpin (n int)")
+        .await
+        .unwrap();
+    drop(setup);
+    let idle = client(&s).await;
+    idle.batch_execute("LISTEN pool_channel").await.unwrap();
+    idle.batch_execute("UNLISTEN *").await.unwrap();
+    // `idle` stays connected and says nothing more.
+    let other = client(&s).await;
+    let started = Instant::now();
+    other
+        .batch_execute("INSERT INTO after_unpin VALUES (1)")
+        .await
+        .unwrap_or_else(|e| panic!("the idle client's connection was never freed: {e}"));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(idle);
+}

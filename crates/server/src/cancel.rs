@@ -1,9 +1,19 @@
 //! Cancel keys. Each client gets pgsplit's own BackendKeyData; the registry
 //! maps it to whichever backend is running that client's statement right
 //! now, so a CancelRequest reaches exactly that statement and nothing else.
+//!
+//! With pooling, a connection may go back to its pool, and to another
+//! client, while a cancel meant for its last statement is still on its way
+//! to the server. A cancel being forwarded is counted on the session's slot
+//! (see [`Cancelling`]) before the slot's running backend is read, and a
+//! session returning a connection reads that count after it marked itself
+//! idle: whichever comes second sees the other. A connection returned while
+//! a cancel is on its way is closed instead of pooled (`cancel_in_flight`),
+//! so the cancel can only land on a statement of the client that sent it,
+//! or on nothing.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
@@ -25,6 +35,8 @@ pub struct Running {
 struct SlotInner {
     /// 0: idle; 1 + index of the backend running the client's statement.
     active: AtomicU8,
+    /// Cancels of this session being forwarded right now.
+    cancelling: AtomicU32,
     backends: Mutex<[Option<Running>; 2]>,
 }
 
@@ -67,17 +79,22 @@ impl CancelRegistry {
     }
 
     /// What a CancelRequest with this key should cancel, if anything: a
-    /// wrong secret or an idle session yields `None`.
-    pub fn lookup(&self, pid: i32, secret: i32) -> Option<Running> {
+    /// wrong secret or an idle session yields `None`. Hold the returned
+    /// guard until the cancel has been delivered.
+    pub fn lookup(&self, pid: i32, secret: i32) -> Option<(Running, Cancelling)> {
         let map = self.sessions.lock().expect("cancel registry poisoned");
         let (s, slot) = map.get(&pid)?;
         if *s != secret {
             return None;
         }
-        let active = usize::from(slot.active.load(Ordering::Acquire));
+        // Counted before `active` is read (see the module doc).
+        slot.cancelling.fetch_add(1, Ordering::SeqCst);
+        let guard = Cancelling(slot.clone());
+        let active = usize::from(slot.active.load(Ordering::SeqCst));
         let i = active.checked_sub(1)?;
         let backends = slot.backends.lock().expect("cancel slot poisoned");
-        backends.get(i).cloned().flatten()
+        let running = backends.get(i).cloned().flatten()?;
+        Some((running, guard))
     }
 
     /// Number of sessions holding a key.
@@ -123,7 +140,22 @@ impl CancelHandle {
     /// Backend `i` now runs the client's statement; `None`: none does.
     pub fn set_active(&self, i: Option<usize>) {
         let v = i.map_or(0, |i| u8::try_from(i + 1).unwrap_or(0));
-        self.slot.active.store(v, Ordering::Release);
+        self.slot.active.store(v, Ordering::SeqCst);
+    }
+
+    /// A cancel of this session is being forwarded: a connection it may
+    /// be meant for must not go to another client now.
+    pub fn cancel_in_flight(&self) -> bool {
+        self.slot.cancelling.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// A cancel being forwarded, counted on its session's slot until dropped.
+pub struct Cancelling(Slot);
+
+impl Drop for Cancelling {
+    fn drop(&mut self) {
+        self.0.cancelling.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -143,24 +175,51 @@ mod tests {
     fn only_the_right_key_finds_a_running_statement() {
         let reg = Arc::new(CancelRegistry::default());
         let h = reg.register();
-        assert_eq!(reg.lookup(h.pid, h.secret), None, "idle session");
+        assert!(reg.lookup(h.pid, h.secret).is_none(), "idle session");
         let r = Running {
             endpoint: Endpoint::Tcp("127.0.0.1:1".parse().unwrap()),
             pid: 5,
             secret: 6,
         };
         h.set_backend(1, r.clone());
-        assert_eq!(reg.lookup(h.pid, h.secret), None, "connected, idle");
+        assert!(reg.lookup(h.pid, h.secret).is_none(), "connected, idle");
         h.set_active(Some(1));
-        assert_eq!(reg.lookup(h.pid, h.secret), Some(r.clone()));
+        assert_eq!(reg.lookup(h.pid, h.secret).map(|x| x.0), Some(r.clone()));
         h.set_active(None);
-        assert_eq!(reg.lookup(h.pid, h.secret), None);
+        assert!(reg.lookup(h.pid, h.secret).is_none());
         h.set_active(Some(1));
-        assert_eq!(reg.lookup(h.pid, h.secret), Some(r));
-        assert_eq!(reg.lookup(h.pid, h.secret.wrapping_add(1)), None);
+        assert_eq!(reg.lookup(h.pid, h.secret).map(|x| x.0), Some(r));
+        assert!(reg.lookup(h.pid, h.secret.wrapping_add(1)).is_none());
         let pid = h.pid;
         drop(h);
-        assert_eq!(reg.lookup(pid, 0), None);
+        assert!(reg.lookup(pid, 0).is_none());
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn a_cancel_on_its_way_is_seen_by_the_session_until_delivered() {
+        let reg = Arc::new(CancelRegistry::default());
+        let h = reg.register();
+        h.set_backend(
+            0,
+            Running {
+                endpoint: Endpoint::Tcp("127.0.0.1:1".parse().unwrap()),
+                pid: 5,
+                secret: 6,
+            },
+        );
+        assert!(!h.cancel_in_flight());
+        // An idle session: nothing to cancel, nothing counted afterwards.
+        assert!(reg.lookup(h.pid, h.secret).is_none());
+        assert!(!h.cancel_in_flight());
+        h.set_active(Some(0));
+        let (_, guard) = reg.lookup(h.pid, h.secret).expect("running");
+        h.set_active(None);
+        assert!(
+            h.cancel_in_flight(),
+            "the statement ended, the cancel is on its way"
+        );
+        drop(guard);
+        assert!(!h.cancel_in_flight());
     }
 }

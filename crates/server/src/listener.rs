@@ -259,7 +259,9 @@ async fn startup(
 
 /// Forwards a client's CancelRequest to the backend running its statement.
 async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
-    let Some(running) = shared.cancels.lookup(pid, secret) else {
+    // `_delivering` keeps the target connection out of other clients'
+    // hands until the server has taken the cancel (see `cancel`).
+    let Some((running, _delivering)) = shared.cancels.lookup(pid, secret) else {
         debug!("cancel request for an idle session or with a wrong key; ignored");
         return;
     };

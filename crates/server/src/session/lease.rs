@@ -110,7 +110,7 @@ pub(crate) async fn checkout(
 }
 
 impl Session {
-    fn pool_mode(&self, t: Target) -> PoolMode {
+    pub(super) fn pool_mode(&self, t: Target) -> PoolMode {
         self.shared.pools.get(t).settings.mode
     }
 
@@ -201,15 +201,15 @@ impl Session {
             && b.sets_in_flight.is_empty()
             && b.resets_in_flight.is_empty()
             && !b.reset_due
-            && self.txn != Some(t)
+            && self.tx.open != Some(t)
             && self.bound != Some(t)
             && self.copy_in.is_none_or(|c| c.target != t)
             && self.lsn_due != Some(t)
             && self.resolution.is_none()
-            && !self.wrap_unended
-            && self.retry.is_none()
-            && !self.retry_due
-            && !(t == Target::Primary && (self.pinned || self.pin_check || self.pin_sticky))
+            && !self.tx.wrap_unended
+            && self.retry.inflight.is_none()
+            && !self.retry.due
+            && !(t == Target::Primary && (self.pin.held || self.pin.check || self.pin.sticky))
             && !self.stmts.has_zombies(t)
     }
 
@@ -230,6 +230,13 @@ impl Session {
         b.errored = false;
         b.deadline = None;
         b.commit_answer = None;
+        if self.cancel.cancel_in_flight() {
+            // The cancel may be for this connection's last statement: it
+            // must not land on another client's (see `cancel`).
+            debug!(target = ?t, "closing a connection a cancel is on its way to");
+            drop(b);
+            return;
+        }
         let id = b.lease.as_ref().map_or(self.pools[idx(t)], |l| l.id);
         self.shared.pools.get(t).put(b, id, fp);
     }
@@ -262,7 +269,7 @@ impl Session {
             if self.releasable(t) {
                 self.release(t);
             } else if self.backends[idx(t)].is_some() {
-                held |= t == Target::Primary && (self.pinned || self.pin_sticky);
+                held |= t == Target::Primary && (self.pin.held || self.pin.sticky);
             }
         }
         self.count_pinned(held);
@@ -272,8 +279,8 @@ impl Session {
     /// because of a pin or a named statement.
     fn count_pinned(&mut self, now: bool) {
         use std::sync::atomic::Ordering::Relaxed;
-        if now != self.pin_counted {
-            self.pin_counted = now;
+        if now != self.pin.counted {
+            self.pin.counted = now;
             if now {
                 crate::pool::STATS.pinned.fetch_add(1, Relaxed);
             } else {

@@ -80,7 +80,7 @@ impl Session {
                         if let Some(p) = done {
                             self.undo_unconfirmed(t, p.seq);
                         }
-                        self.retry_due = true;
+                        self.retry.due = true;
                         self.rearm(t);
                     }
                     continue;
@@ -118,12 +118,12 @@ impl Session {
                             t == Target::Replica
                                 && Session::replica_may_lack(
                                     &self.shared.replication,
-                                    self.retry_sent,
+                                    self.retry.sent,
                                 )
                         });
                         b.hold = false;
                         if read_only || missing.is_some() {
-                            self.retry_missing = missing;
+                            self.retry.missing = missing;
                             let _ = b.conn.rbuf.split_to(run + len);
                             run = 0;
                             b.retrying = true;
@@ -213,7 +213,7 @@ impl Session {
                         // proxy's COMMIT is, and its ReadyForQuery goes out.
                         self.flush_run(t, &mut run);
                         self.skip(t, len);
-                        self.wrap_unended = true;
+                        self.tx.wrap_unended = true;
                     } else {
                         run += len;
                     }
@@ -412,10 +412,10 @@ impl Session {
             }
         }
         if done.is_some_and(|p| p.retryable) {
-            self.retry = None;
+            self.retry.inflight = None;
             // Drop the frames' references now, so the client's read buffer
             // can be reused rather than reallocated.
-            self.retry_frames.clear();
+            self.retry.frames.clear();
         }
         if let Some(p) = done {
             self.undo_unconfirmed(t, p.seq);
@@ -457,9 +457,9 @@ impl Session {
                 match r {
                     Reset::DiscardAll => {
                         self.stmts.discard_all();
-                        self.pinned = false;
-                        self.pin_sticky = false;
-                        self.pin_check = false;
+                        self.pin.held = false;
+                        self.pin.sticky = false;
+                        self.pin.check = false;
                     }
                     Reset::Deallocate(name) => self.stmts.close(&name),
                     Reset::DeallocateAll => self.stmts.close_all(),
@@ -469,12 +469,12 @@ impl Session {
         let b = self.backends[idx(t)].as_mut().expect("exists");
         match status {
             TxStatus::Idle => {
-                if self.txn == Some(t) {
-                    self.txn = None;
+                if self.tx.open == Some(t) {
+                    self.tx.open = None;
                 }
                 // Settings made inside a block hold for the session only if
                 // the block committed.
-                let block = std::mem::take(&mut self.block_sets);
+                let block = std::mem::take(&mut self.tx.sets);
                 if ok && was_in_block && commits {
                     sets.splice(0..0, block);
                 }
@@ -497,9 +497,9 @@ impl Session {
                 }
             }
             TxStatus::InBlock | TxStatus::Failed => {
-                self.txn = Some(t);
+                self.tx.open = Some(t);
                 if ok {
-                    self.block_sets.extend(sets);
+                    self.tx.sets.extend(sets);
                 }
             }
         }
@@ -560,7 +560,7 @@ impl Session {
             // it cannot be repaired, and nothing more may be written to it.
             return Err(Error::StreamBroken { target: t });
         }
-        if self.pinned && t == Target::Primary {
+        if self.pin.held && t == Target::Primary {
             return Err(Error::PinnedStateLost);
         }
         // A COMMIT or autocommit write the client is waiting for may have
@@ -570,19 +570,19 @@ impl Session {
         if unknown_outcome && first.is_none() {
             first = Some(Error::TransactionResolutionUnknown);
         }
-        let in_block = self.txn == Some(t) && !unknown_outcome;
-        if self.txn == Some(t) {
-            self.txn = None;
+        let in_block = self.tx.open == Some(t) && !unknown_outcome;
+        if self.tx.open == Some(t) {
+            self.tx.open = None;
         }
         if in_block {
-            self.virtual_failed = true;
+            self.tx.failed = true;
             if !matches!(first, Some(Error::StatementTimeout)) {
-                self.commit_refused = Some(t);
+                self.tx.commit_refused = Some(t);
             }
             // Told to no statement of the client's (nothing was running,
             // or only a Close whose answer drivers drop): the next one is.
             if !b.pending.iter().any(|p| !p.own && p.runs) && self.bound != Some(t) {
-                self.block_lost_unreported = Some(t);
+                self.tx.lost_unreported = Some(t);
             }
         }
         let err = if in_block {

@@ -46,20 +46,20 @@ impl Session {
         self.batch.is_empty()
             && self.copy_in.is_none()
             && !self.skip_until_sync
-            && !self.virtual_failed
-            && self.txn.is_none()
+            && !self.tx.failed
+            && self.tx.open.is_none()
             && self.bound.is_none()
-            && !self.pinned
-            && !self.pin_check
-            && !self.releasing
-            && self.retry.is_none()
-            && !self.retry_due
+            && !self.pin.held
+            && !self.pin.check
+            && !self.pin.releasing
+            && self.retry.inflight.is_none()
+            && !self.retry.due
             && self.lsn_due.is_none()
             && self.resolution.is_none()
-            && !self.wrap_unended
+            && !self.tx.wrap_unended
             && !self.report_lag
-            && self.block_lost_unreported.is_none()
-            && self.commit_refused.is_none()
+            && self.tx.lost_unreported.is_none()
+            && self.tx.commit_refused.is_none()
             && self.local_portals.is_empty()
             && !self.busy(Target::Primary)
             && !self.busy(Target::Replica)
@@ -190,7 +190,7 @@ impl Session {
         self.cancel.set_active(Some(REPLICA));
         self.bound_soft = false;
         if query {
-            self.retry = Some(Retry::Query(block.clone()));
+            self.retry.inflight = Some(Retry::Query(block.clone()));
             // A simple query ends the unnamed statement on its server.
             self.stmts.mark_off("", Target::Replica);
             self.client_cycle(
@@ -198,7 +198,7 @@ impl Session {
                 Pending::client(seq, false, &class, false, false, true),
             );
         } else {
-            self.retry = Some(Retry::Block(block.clone()));
+            self.retry.inflight = Some(Retry::Block(block.clone()));
             self.client_cycle(
                 Target::Replica,
                 Pending {
@@ -320,8 +320,8 @@ impl Session {
     /// The frames of a steady read the replica refused, for running it
     /// again on the primary.
     pub(super) fn unpack_steady(&mut self, mut block: Bytes) {
-        self.retry_frames.clear();
-        self.retry_meta.clear();
+        self.retry.frames.clear();
+        self.retry.meta.clear();
         while let Some(f) = frame::next_in(&mut block) {
             let Ok((mut meta, text)) = batch::locate(f.tag(), f.body(), EMPTY) else {
                 continue; // checked when it arrived
@@ -329,8 +329,8 @@ impl Session {
             if let Meta::Parse { class, .. } = &mut meta {
                 *class = self.classify(text);
             }
-            self.retry_frames.push(f);
-            self.retry_meta.push(meta);
+            self.retry.frames.push(f);
+            self.retry.meta.push(meta);
         }
     }
 }

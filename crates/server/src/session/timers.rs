@@ -80,7 +80,7 @@ impl Session {
             let idle = !self.busy(Target::Primary)
                 && !self.busy(Target::Replica)
                 && self.copy_in.is_none();
-            if (self.txn.is_some() || self.virtual_failed) && idle {
+            if (self.tx.open.is_some() || self.tx.failed) && idle {
                 consider(self.idle_since + limit, Timer::IdleInTransaction);
             }
         }
@@ -119,8 +119,8 @@ impl Session {
         b.pending.is_empty()
             && b.passthrough == 0
             && self.bound != Some(t)
-            && self.txn != Some(t)
-            && !(self.pinned && t == Target::Primary)
+            && self.tx.open != Some(t)
+            && !(self.pin.held && t == Target::Primary)
             && self.copy_in.is_none_or(|c| c.target != t)
     }
 

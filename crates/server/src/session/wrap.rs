@@ -37,7 +37,7 @@ impl Session {
         t == Target::Primary
             && self.shared.config.timeouts.commit_resolution == CommitResolution::All
             && kind == StmtKind::Write
-            && self.txn.is_none()
+            && self.tx.open.is_none()
             && self.bound.is_none()
     }
 
@@ -57,7 +57,7 @@ impl Session {
     /// resolved by the id.
     pub(super) async fn finish_wrap(&mut self, t: Target, seq: u64) -> Result<(), Error> {
         self.drain(t).await?;
-        let unended = std::mem::take(&mut self.wrap_unended);
+        let unended = std::mem::take(&mut self.tx.wrap_unended);
         let Some(b) = self.backends[idx(t)].as_mut() else {
             if unended {
                 // Lost after the write answered, before the proxy's COMMIT
