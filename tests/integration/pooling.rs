@@ -501,3 +501,53 @@ async fn a_released_pin_frees_the_connection_while_its_client_sits_idle() {
     );
     drop(idle);
 }
+
+/// Objects a client creates in its temporary schema by name, beyond
+/// tables (a statistics object, a function), pin its connection as a
+/// temporary table does, through statements that may release pins: the
+/// pin check counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_in_the_temporary_schema_keep_their_connection() {
+    let s = stack_set(&[
+        "pool.size=1",
+        "pool.min_idle=0",
+        "pool.checkout_timeout=300ms",
+    ]);
+    let a = client(&s).await;
+    let b = client(&s).await;
+    a.batch_execute("CREATE TABLE stats_base (x int, y int)")
+        .await
+        .unwrap();
+    a.batch_execute("CREATE STATISTICS pg_temp.mine ON x, y FROM stats_base")
+        .await
+        .unwrap();
+    a.batch_execute(
+        "CREATE FUNCTION pg_temp.twice(int) RETURNS int LANGUAGE sql AS 'SELECT $1 * 2'",
+    )
+    .await
+    .unwrap();
+    // A statement that may release a pin: the pin check finds the
+    // temporary objects, so the connection stays `a`'s.
+    a.batch_execute("DROP STATISTICS IF EXISTS not_there")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let e = b
+        .batch_execute("CREATE TABLE elsewhere (x int)")
+        .await
+        .expect_err("the only primary connection is pinned");
+    assert_eq!(code(&e), "53300");
+    let v: i32 = a
+        .query_one("SELECT pg_temp.twice(21)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 42);
+    a.batch_execute("DROP STATISTICS pg_temp.mine; DROP FUNCTION pg_temp.twice(int)")
+        .await
+        .unwrap();
+    back_on_replica(&s, &a).await;
+    b.batch_execute("CREATE TABLE elsewhere (x int)")
+        .await
+        .unwrap();
+}

@@ -240,10 +240,16 @@ pub(crate) struct Session {
 }
 
 /// Counts what pins a session to its primary connection: channels it
-/// listens on, temporary relations, session advisory locks, cursors
-/// `WITH HOLD` and SQL-level prepared statements.
+/// listens on, objects in its temporary schema (relations, and the
+/// statistics objects, functions, types and collations a client may create
+/// there by name), session advisory locks, cursors `WITH HOLD` and
+/// SQL-level prepared statements.
 const PIN_PROBE: &str = "SELECT (SELECT count(*) FROM pg_listening_channels()) \
      + (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()) \
+     + (SELECT count(*) FROM pg_statistic_ext WHERE stxnamespace = pg_my_temp_schema()) \
+     + (SELECT count(*) FROM pg_proc WHERE pronamespace = pg_my_temp_schema()) \
+     + (SELECT count(*) FROM pg_type WHERE typnamespace = pg_my_temp_schema()) \
+     + (SELECT count(*) FROM pg_collation WHERE collnamespace = pg_my_temp_schema()) \
      + (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory') \
      + (SELECT count(*) FROM pg_cursors WHERE is_holdable) \
      + (SELECT count(*) FROM pg_prepared_statements WHERE from_sql)";
