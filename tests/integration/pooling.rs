@@ -551,3 +551,51 @@ async fn objects_in_the_temporary_schema_keep_their_connection() {
         .await
         .unwrap();
 }
+
+/// `SET datestyle TO ymd` keeps the output style an earlier `SET datestyle
+/// TO iso` chose: a session's settings replayed on a connection that has
+/// not seen them give the same DateStyle (PostgreSQL's `date` regression
+/// test sets them so, after writes, on a connection that logged in with
+/// `datestyle=Postgres, MDY`, as pg_regress logs in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datestyle_set_in_two_steps_is_replayed_whole() {
+    let s = stack_with(StackOptions {
+        set: vec!["pool.mode=transaction".into()],
+        lab: pgsplit_lab::LabOptions {
+            extra_conf: vec![
+                ("datestyle".into(), "postgres, mdy".into()),
+                // The replica lags: the settings after the write run on the
+                // primary, and the replica's connection gets them later.
+                ("recovery_min_apply_delay".into(), "300ms".into()),
+            ],
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let mut a = Raw::login(&s).await;
+    async fn one(r: &mut Raw, sql: &str) -> String {
+        let mut m = BytesMut::new();
+        encode::query(&mut m, sql);
+        r.send(&m).await;
+        let out = r.replies(1).await;
+        assert!(out.errors.is_empty(), "{sql}: {:?}", out.errors);
+        out.values.first().cloned().unwrap_or_default()
+    }
+    // A write first: the settings then run on the primary, and reach the
+    // replica's connection only when a read goes there.
+    one(&mut a, "CREATE TABLE date_style_probe (d date)").await;
+    one(&mut a, "SET datestyle TO iso").await;
+    one(&mut a, "SET datestyle TO ymd").await;
+    caught_up(&s);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        one(&mut a, "SELECT inet_server_port()::text").await,
+        replica_port(&s).to_string(),
+        "the read runs on the replica"
+    );
+    assert_eq!(one(&mut a, "SHOW datestyle").await, "ISO, YMD");
+    assert_eq!(
+        one(&mut a, "SELECT date '1999-01-08'::text").await,
+        "1999-01-08"
+    );
+}

@@ -8,6 +8,9 @@
 //! `DISCARD ALL` drops everything before it, `RESET ALL` every parameter
 //! but the role and the session authorization (which it does not reset),
 //! and a session authorization also ends an earlier role, as on a server.
+//! `DateStyle` is the exception: `SET datestyle TO ymd` changes the order
+//! and keeps the output style an earlier `SET datestyle TO iso` chose, so
+//! a later setting of it drops nothing; only its reset does.
 //! The statements left keep their order, so replaying the log on a fresh
 //! connection gives what the whole history gave.
 
@@ -28,6 +31,7 @@ enum Scope {
 }
 
 const ROLE: &str = "role";
+const DATESTYLE: &str = "datestyle";
 const SESSION_AUTHORIZATION: &str = "session_authorization";
 
 /// Which parameter `sql` sets or resets.
@@ -65,6 +69,13 @@ fn scope(sql: &str) -> Scope {
             .map_or(Scope::Other, |(name, _)| Scope::Param(name.to_owned())),
         _ => Scope::Other,
     }
+}
+
+/// Whether `sql` (a statement about one parameter) puts it back to its
+/// default: `RESET x`, `SET x TO DEFAULT`, `SET x = DEFAULT`.
+fn resets_to_default(sql: &str) -> bool {
+    let lower = sql.trim().trim_end_matches(';').trim().to_ascii_lowercase();
+    lower.starts_with("reset") || lower.ends_with(" default") || lower.ends_with("=default")
 }
 
 /// The log itself.
@@ -116,6 +127,9 @@ impl SettingsLog {
         let mut discard_all = false;
         for (i, sql) in self.entries.iter().enumerate().rev() {
             let s = scope(sql);
+            // A DateStyle setting merges with the value before it (see the
+            // module doc): only a reset of it overrides what came before.
+            let merges = matches!(&s, Scope::Param(p) if p == DATESTYLE) && !resets_to_default(sql);
             let overridden = match &s {
                 _ if discard_all => true,
                 Scope::Param(p) => {
@@ -128,6 +142,7 @@ impl SettingsLog {
             };
             keep[i] = !overridden;
             match s {
+                Scope::Param(_) if merges => {}
                 Scope::Param(p) => {
                     later.insert(p);
                 }
@@ -223,6 +238,22 @@ mod tests {
         assert_eq!(log.since(0), ["SET ROLE r", "RESET ALL"]);
         log.extend(vec!["DISCARD ALL".into(), "SET r = 3".into()]);
         assert_eq!(log.since(0), ["DISCARD ALL", "SET r = 3"]);
+    }
+
+    #[test]
+    fn a_datestyle_order_keeps_the_style_set_before_it() {
+        let mut log = SettingsLog::default();
+        log.extend(vec!["SET datestyle TO iso".into()]);
+        log.extend(vec!["SET datestyle TO ymd".into()]);
+        assert_eq!(
+            log.since(0),
+            ["SET datestyle TO iso", "SET datestyle TO ymd"]
+        );
+        log.extend(vec!["RESET datestyle".into()]);
+        assert_eq!(log.since(0), ["RESET datestyle"]);
+        log.extend(vec!["SET datestyle = 'sql, dmy'".into()]);
+        log.extend(vec!["SET datestyle TO DEFAULT".into()]);
+        assert_eq!(log.since(0), ["SET datestyle TO DEFAULT"]);
     }
 
     #[test]
