@@ -7,7 +7,8 @@
 //! ```
 //!
 //! The lab's tunnel adds `--tunnel-ms` each way between pgsplit and the
-//! primary. Each request connects, inserts one row, and disconnects:
+//! primary. Each request connects, inserts one row (a simple Query, as
+//! psycopg2 and PHP send it), and disconnects:
 //! directly through the tunnel (TCP connect, startup and SCRAM, then the
 //! INSERT: every round trip crosses the tunnel), and through pgsplit (the
 //! client's login is answered on the node; the INSERT runs on a pooled
@@ -43,7 +44,9 @@ async fn request(conn: &str, key: &str) -> Duration {
     let at = Instant::now();
     let (c, connection) = tokio_postgres::connect(conn, NoTls).await.expect("connect");
     let task = tokio::spawn(connection);
-    c.execute("INSERT INTO per_request (k) VALUES ($1)", &[&key])
+    // One simple Query, as psycopg2 (Django's default driver) and PHP send
+    // a write: the statement's one round trip.
+    c.batch_execute(&format!("INSERT INTO per_request (k) VALUES ('{key}')"))
         .await
         .expect("insert");
     drop(c);
