@@ -14,6 +14,7 @@ mod consistency;
 mod docs;
 mod failure;
 mod faults;
+mod hostile;
 mod pipeline;
 mod pooling;
 mod protocol;

@@ -62,6 +62,7 @@ mod options;
 mod quote;
 mod spawner;
 mod sys;
+pub use sys::raise_open_files;
 mod template;
 
 pub use binaries::PgBinaries;

@@ -120,3 +120,24 @@ pub(crate) fn available_bytes(path: &std::path::Path) -> io::Result<u64> {
     }
     Ok(u64::from(stats.f_bavail).saturating_mul(u64::from(stats.f_frsize)))
 }
+
+/// Raises this process's open-file soft limit to at least `want` (at most
+/// the hard limit); returns the soft limit now in force.
+#[allow(unsafe_code)]
+pub fn raise_open_files(want: u64) -> io::Result<u64> {
+    // SAFETY: rlimit is a plain C struct of integers, for which all-zero is valid.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is live and writable for the whole call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur >= want as libc::rlim_t {
+        return Ok(lim.rlim_cur as u64);
+    }
+    lim.rlim_cur = (want as libc::rlim_t).min(lim.rlim_max);
+    // SAFETY: `lim` is a valid rlimit whose soft limit does not exceed its hard one.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lim.rlim_cur as u64)
+}

@@ -24,6 +24,7 @@ pub mod backend;
 pub mod cancel;
 pub mod config;
 pub mod error;
+pub mod fdlimit;
 mod listener;
 mod monitor;
 mod pool;
@@ -191,6 +192,7 @@ fn run_worker(
             let addr = listener.local_addr()?;
             info!(%addr, primary = %shared.config.primary, replica = %shared.config.replica,
                   workers = senders.len(), "pgsplit listening");
+            fdlimit::check(&shared.config);
             // The monitor has a thread of its own: its timer would otherwise
             // make every idle moment of this worker arm a kernel timer.
             let (m_shared, m_stop) = (shared.clone(), shutdown.clone());

@@ -140,7 +140,9 @@ async fn handle(
         Err(_) => {
             let mut out = BytesMut::new();
             Error::AuthTimeout.write_to(&mut out, true);
-            let _ = stream.write_all(&out).await;
+            // Bounded: a client that does not read must not hold the task.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(&out))
+                .await;
             return;
         }
     };
