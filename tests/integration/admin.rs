@@ -7,7 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::common::*;
 
 /// One HTTP request; returns (status, body).
-async fn get(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
+pub(crate) async fn get(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
     let mut out = String::new();
@@ -23,7 +23,7 @@ async fn get(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
     (status, body)
 }
 
-fn request(path: &str) -> String {
+pub(crate) fn request(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n")
 }
 
@@ -46,6 +46,7 @@ async fn metrics_and_health_are_served() {
         "pgsplit_replica_lag_bytes ",
         "pgsplit_primary_up 1",
         "pgsplit_replica_up 1",
+        "pgsplit_clients 1\n",
         "pgsplit_read_only_retries_total 0",
         "# TYPE pgsplit_missing_object_retries_total counter",
         "pgsplit_missing_object_retries_total{sqlstate=\"42P01\"} 0",

@@ -15,14 +15,14 @@ use pgsplit_lab::PgBinaries;
 
 use crate::common::*;
 
-fn stack_set(set: &[&str]) -> Stack {
+pub(crate) fn stack_set(set: &[&str]) -> Stack {
     stack_with(StackOptions {
         set: set.iter().map(|s| (*s).to_owned()).collect(),
         ..Default::default()
     })
 }
 
-fn rows_on_primary(s: &Stack, sql: &str) -> Vec<String> {
+pub(crate) fn rows_on_primary(s: &Stack, sql: &str) -> Vec<String> {
     on_primary(s, sql)
         .lines()
         .map(str::to_owned)
@@ -48,22 +48,83 @@ fn cutter(s: &Stack, every: Duration, down: Duration, stop: &AtomicBool, bound: 
     cuts
 }
 
-/// One session's record of what it was told.
-#[derive(Default)]
-struct Told {
-    acked: Vec<i64>,
-    /// 08006 (rolled back) and 08001 (never sent): must be absent.
-    absent: Vec<i64>,
-    unknown: usize,
+/// Keys as runs of consecutive values. A writer's keys are consecutive,
+/// so a long run of one outcome costs one entry: the soak keeps hours of
+/// them without its own memory growing.
+#[derive(Default, Debug)]
+pub(crate) struct Keys(Vec<(i64, i64)>);
+
+impl Keys {
+    pub(crate) fn push(&mut self, k: i64) {
+        match self.0.last_mut() {
+            Some(run) if run.1 + 1 == k => run.1 = k,
+            _ => self.0.push((k, k)),
+        }
+    }
+
+    pub(crate) fn extend(&mut self, other: Keys) {
+        self.0.extend(other.0);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.iter().map(|(a, b)| (b - a + 1) as usize).sum()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = i64> + '_ {
+        self.0.iter().flat_map(|&(a, b)| a..=b)
+    }
 }
 
-async fn writer(conn: String, id: i64, until: Instant) -> Told {
+impl Told {
+    /// Checks what was told against the primary's `chaos` table: the
+    /// acknowledged keys missing there, and the keys reported failed that
+    /// are there anyway.
+    pub(crate) fn against_primary(&self, s: &Stack) -> (Vec<i64>, Vec<i64>) {
+        let present: HashSet<i64> = rows_on_primary(s, "SELECT k FROM chaos")
+            .iter()
+            .map(|k| k.parse().unwrap())
+            .collect();
+        let missing = self.acked.iter().filter(|k| !present.contains(k)).collect();
+        let phantom = self.absent.iter().filter(|k| present.contains(k)).collect();
+        (missing, phantom)
+    }
+}
+
+/// What all `writers` were told, each of them ending within `bound`.
+pub(crate) async fn gather(writers: Vec<tokio::task::JoinHandle<Told>>, bound: Duration) -> Told {
+    let mut told = Told::default();
+    for w in writers {
+        let t = tokio::time::timeout(bound, w)
+            .await
+            .expect("every session finishes: nothing hangs")
+            .unwrap();
+        told.acked.extend(t.acked);
+        told.absent.extend(t.absent);
+        told.unknown += t.unknown;
+    }
+    told
+}
+
+/// One session's record of what it was told.
+#[derive(Default)]
+pub(crate) struct Told {
+    pub(crate) acked: Keys,
+    /// 08006 (rolled back) and 08001 (never sent): must be absent.
+    pub(crate) absent: Keys,
+    pub(crate) unknown: usize,
+}
+
+pub(crate) async fn writer(conn: String, id: i64, until: Instant) -> Told {
     let c = connect(&conn).await.expect("connects");
     let mut told = Told::default();
     let mut n = 0i64;
     while Instant::now() < until {
         n += 1;
-        let key = id * 1_000_000 + n;
+        let key = id * 1_000_000_000 + n;
         // In turn: an autocommit write and a block, each in the simple and
         // the extended protocol. Every step is bounded: a hang fails.
         let case = n % 4;
@@ -112,6 +173,10 @@ async fn writer(conn: String, id: i64, until: Instant) -> Told {
                     // A block whose statement failed leaves the client in a
                     // failed block: 25P02 until it ends it.
                     "25P02" => told.absent.push(key),
+                    // No server connection free in time (the pool's
+                    // connections all stuck behind a black hole), or the
+                    // proxy's statement timeout: never sent, or rolled back.
+                    "53300" | "57014" => told.absent.push(key),
                     other => panic!("case {case} key {key}: unexpected {other}: {e:?}"),
                 }
                 // End whatever block the failure left open.
@@ -160,22 +225,8 @@ async fn writes_through_repeated_cuts_are_exactly_what_clients_were_told() {
             h.join().unwrap()
         })
     });
-    let mut told = Told::default();
-    for w in writers {
-        let t = tokio::time::timeout(Duration::from_secs(30), w)
-            .await
-            .expect("every session finishes: nothing hangs")
-            .unwrap();
-        told.acked.extend(t.acked);
-        told.absent.extend(t.absent);
-        told.unknown += t.unknown;
-    }
-    let present: HashSet<i64> = rows_on_primary(&s, "SELECT k FROM chaos")
-        .iter()
-        .map(|k| k.parse().unwrap())
-        .collect();
-    let missing: Vec<_> = told.acked.iter().filter(|k| !present.contains(k)).collect();
-    let phantom: Vec<_> = told.absent.iter().filter(|k| present.contains(k)).collect();
+    let told = gather(writers, Duration::from_secs(30)).await;
+    let (missing, phantom) = told.against_primary(&s);
     let resolved: Vec<u64> = s
         .proxy()
         .shared()

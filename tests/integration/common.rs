@@ -344,3 +344,16 @@ pub fn pgbench(stack: &Stack, args: &[&str]) -> String {
     c.args(args).arg(stack.url());
     run_tool(c)
 }
+
+/// This process's resident set in KiB and its open descriptors (the proxy
+/// runs in it).
+pub fn rss_and_fds() -> (u64, usize) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    (rss, fds)
+}

@@ -599,6 +599,7 @@ async fn a_quiet_spell_before_a_write_is_not_replica_lag() {
     // quiet spell longer than the bound, the first write must not make
     // the replica look as stale as the spell was long.
     let s = lagging_stack("1500ms", &["routing.max_replica_lag=4s"]);
+    let admin = s.proxy().admin_addr().expect("admin endpoint on");
     let c = client(&s).await;
     c.batch_execute("CREATE TABLE quiet (x int)").await.unwrap();
     caught_up(&s);
@@ -622,8 +623,14 @@ async fn a_quiet_spell_before_a_write_is_not_replica_lag() {
             replica_port(&s),
             "lag {lag}"
         );
+        // And a load check sees a healthy node, not one that flaps.
+        let (status, body) = crate::admin::get(admin, &crate::admin::request("/health")).await;
+        assert_eq!(status, 200, "lag {lag}: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    eprintln!(
+        "after a 5 s quiet spell, the reported lag peaked at {worst} ms for a 1500 ms apply delay"
+    );
     assert!(worst < 3_000, "reported lag {worst} ms for a 1.5 s delay");
     // The write shows up on the replica once replayed, and the lag drops.
     caught_up(&s);

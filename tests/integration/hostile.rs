@@ -1,7 +1,8 @@
 //! Hostile and slow clients at login: a client that sends nothing, half a
 //! startup packet, or its password a byte at a time is closed when
 //! `client_auth_timeout` runs out, and a thousand of them do not keep
-//! anyone else from logging in.
+//! anyone else from logging in. Logged-in clients that stop reading, or
+//! send without reading, are held back by backpressure, not buffered.
 
 use std::time::{Duration, Instant};
 
@@ -155,4 +156,107 @@ async fn a_thousand_stalled_logins_do_not_slow_a_real_one() {
         "a login beside 1,000 stalled ones took {slowest:?} (alone {alone:?})"
     );
     drop(stalled);
+}
+
+/// What the replica's backend running the statement marked `marker` (in
+/// a comment) waits for, if one runs.
+fn replica_wait(s: &pgsplit_lab::stack::Stack, marker: &str) -> String {
+    psql_on(
+        s,
+        pgsplit_lab::Which::Replica,
+        &format!(
+            "SELECT coalesce(wait_event, 'none') FROM pg_stat_activity \
+             WHERE state = 'active' AND pid <> pg_backend_pid() AND query LIKE '%{marker}%'"
+        ),
+    )
+    .trim()
+    .to_owned()
+}
+
+/// A client that asks for a gigabyte and then reads nothing: the proxy
+/// holds a bounded amount and the server waits to write (backpressure),
+/// and when the client goes, the server's statement ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_holds_the_server_back_not_memory() {
+    let s = stack();
+    let mut raw = Raw::login(&s).await;
+    let before = rss_and_fds().0;
+    let mut q = BytesMut::new();
+    pgsplit_protocol::encode::query(
+        &mut q,
+        "SELECT repeat('x', 1000) FROM generate_series(1, 1000000) /* stalled reader */",
+    );
+    raw.send(&q).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let wait = replica_wait(&s, "stalled reader");
+    let grown = rss_and_fds().0.saturating_sub(before);
+    eprintln!("a stalled reader of 1 GB: proxy grew {grown} KiB; the server waits on {wait:?}");
+    assert_eq!(wait, "ClientWrite", "the server is not held back");
+    assert!(
+        grown < 64 * 1024,
+        "the proxy buffered {grown} KiB for a client that reads nothing"
+    );
+    // The client goes: the statement on the server ends soon after.
+    drop(raw);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !replica_wait(&s, "stalled reader").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the statement outlived its client by 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A client that pipelines queries without ever reading the answers is
+/// held back too: the proxy stops reading it once the server stops
+/// reading the proxy, so the client's writes block instead of the proxy's
+/// memory growing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_without_reading_is_held_back() {
+    let s = stack();
+    let raw = Raw::login(&s).await;
+    let Raw { stream, .. } = raw;
+    let (_read_half, mut write_half) = stream.into_split();
+    let before = rss_and_fds().0;
+    let mut one = BytesMut::new();
+    pgsplit_protocol::encode::query(&mut one, "SELECT repeat('y', 4000) /* flood */");
+    let mut chunk = BytesMut::new();
+    for _ in 0..1000 {
+        chunk.extend_from_slice(&one);
+    }
+    let total_chunks = 2000; // 2,000,000 queries, 8 GB of answers
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
+    let writer = tokio::spawn(async move {
+        for _ in 0..total_chunks {
+            if write_half.write_all(&chunk).await.is_err() {
+                break;
+            }
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        write_half
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let at_3s = sent.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let at_5s = sent.load(std::sync::atomic::Ordering::SeqCst);
+    let grown = rss_and_fds().0.saturating_sub(before);
+    eprintln!(
+        "a flooding client: {at_5s} of {total_chunks} chunks of 1,000 queries sent in 5 s \
+         ({at_3s} at 3 s); proxy grew {grown} KiB"
+    );
+    assert!(
+        at_5s < total_chunks,
+        "nothing held the flooding client back"
+    );
+    assert_eq!(
+        at_3s, at_5s,
+        "the client kept sending while nobody read the answers"
+    );
+    assert!(
+        grown < 64 * 1024,
+        "the proxy buffered {grown} KiB for a flooding client"
+    );
+    writer.abort();
 }

@@ -21,6 +21,7 @@ mod protocol;
 mod resolution;
 mod routing;
 mod session;
+mod soak;
 mod timeouts;
 mod tools;
 mod transparency;

@@ -302,7 +302,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(2000)))]
         /// Blocks cut into the same frames as one-by-one decoding.
         #[test]
         fn blocks_cut_like_single_frames(data in proptest::collection::vec(any::<u8>(), 0..512)) {

@@ -220,4 +220,66 @@ mod tests {
         assert!(SaslInitial::parse(b"SCRAM-SHA-256\0\0\0\0\x10abc").is_err());
         assert!(query(b"\xff\xfe\0").is_err());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::proptest_cases(2000)))]
+
+        /// Every body decoder the proxy runs on client input answers
+        /// arbitrary bytes with a value or an error, never a panic; a
+        /// decoded value always lies inside the body.
+        #[test]
+        fn every_body_decoder_survives_arbitrary_bytes(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+        ) {
+            let inside = |s: &[u8]| {
+                s.is_empty() || {
+                    let (b, e) = (body.as_ptr() as usize, body.as_ptr() as usize + body.len());
+                    let p = s.as_ptr() as usize;
+                    p >= b && p + s.len() <= e
+                }
+            };
+            if let Ok(q) = query(&body) {
+                proptest::prop_assert!(inside(q.as_bytes()));
+            }
+            if let Ok(p) = Parse::parse(&body) {
+                proptest::prop_assert!(inside(p.sql.as_bytes()) && inside(p.name.as_bytes()));
+            }
+            let _ = Bind::parse(&body);
+            if let Ok(params) = bind_params(&body) {
+                for (_, v) in params {
+                    proptest::prop_assert!(v.is_none_or(inside));
+                }
+            }
+            let _ = object(&body, "Describe");
+            let _ = execute(&body);
+            let _ = password(&body);
+            if let Ok(s) = SaslInitial::parse(&body) {
+                proptest::prop_assert!(inside(s.data));
+            }
+        }
+
+        /// A well-formed Bind with its bytes cut short anywhere is an error,
+        /// never parameters read past the end.
+        #[test]
+        fn a_truncated_bind_is_an_error(
+            values in proptest::collection::vec(
+                proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20)),
+                0..6,
+            ),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            let mut b = bytes::BytesMut::new();
+            let refs: Vec<Option<&[u8]>> = values.iter().map(|v| v.as_deref()).collect();
+            crate::encode::bind(&mut b, "p", "s", &refs);
+            let body = &b[crate::frame::HEADER_BYTES..];
+            let whole = bind_params(body).expect("a whole Bind decodes");
+            proptest::prop_assert_eq!(whole.len(), values.len());
+            let at = cut.index(body.len());
+            if let Ok(params) = bind_params(&body[..at]) {
+                // Only a cut inside the trailing result-format list can
+                // still decode, and then the values are all there.
+                proptest::prop_assert_eq!(params.len(), values.len());
+            }
+        }
+    }
 }

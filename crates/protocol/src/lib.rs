@@ -38,3 +38,13 @@ pub const MAX_STARTUP_PACKET_BYTES: usize = 10_000;
 
 /// Default cap on any regular message after authentication (64 MiB).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// How many cases a property test runs: `PROPTEST_CASES` when set (for a
+/// longer fuzzing run on demand), otherwise the test's own `default`.
+#[doc(hidden)]
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

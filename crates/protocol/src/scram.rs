@@ -442,4 +442,40 @@ mod tests {
             Err(ScramError::Malformed)
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::proptest_cases(1000)))]
+
+        /// Arbitrary client-first and client-final messages are answered
+        /// with an error, never a panic and never a login.
+        #[test]
+        fn arbitrary_client_messages_never_panic_or_log_in(
+            first in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            last in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            let secret = ScramSecret::from_password_salt("pw", b"0123456789abcdef".to_vec(), 16);
+            let _ = start(&secret, &first);
+            let (ex, _) = start(&secret, b"n,,n=,r=abc").unwrap();
+            proptest::prop_assert!(ex.finish(&last).is_err());
+            let mut c = ScramClient::new(b"pw");
+            let _ = c.server_first(&first, &SaltedKeys::default());
+            let _ = c.server_final(&last);
+        }
+
+        /// A right client-final message with any one byte changed does not
+        /// log in: every byte of it is bound by the proof.
+        #[test]
+        fn a_changed_byte_in_a_right_proof_never_logs_in(
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            to in proptest::prelude::any::<u8>(),
+        ) {
+            let secret = ScramSecret::from_password_salt("pw", b"0123456789abcdef".to_vec(), 16);
+            let (ex, sf) = start(&secret, b"n,,n=,r=abc").unwrap();
+            let mut fin = client_final("pw", "n=,r=abc", &sf).into_bytes();
+            let i = at.index(fin.len());
+            proptest::prop_assume!(fin[i] != to);
+            fin[i] = to;
+            proptest::prop_assert!(ex.finish(&fin).is_err(), "{:?}", String::from_utf8_lossy(&fin));
+        }
+    }
 }

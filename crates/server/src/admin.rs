@@ -195,6 +195,11 @@ pub(crate) fn metrics(shared: &Shared) -> String {
         "1 when the monitor reaches the replica.",
         Some(f64::from(u8::from(rep.replica_up()))),
     );
+    gauge(
+        "pgsplit_clients",
+        "Client connections open now (logging in or logged in).",
+        Some(shared.stats.clients_connected.load(Relaxed) as f64),
+    );
     let _ = writeln!(
         out,
         "# HELP pgsplit_routed_total Statements and batches routed, by target and reason.\n\

@@ -1049,4 +1049,89 @@ mod tests {
         );
         assert!(ok.is_ok());
     }
+
+    /// The shipped example configuration, which the mutations start from.
+    const SHIPPED: &str = include_str!("../../../proxy.toml");
+
+    /// A value in place of another: right and wrong types, odd durations,
+    /// odd addresses, broken quoting.
+    fn odd_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            prop::sample::select(vec![
+                "0",
+                "-1",
+                "99999999999999999999",
+                "1.5",
+                "true",
+                "\"\"",
+                "\"0s\"",
+                "\"-5s\"",
+                "\"1h\"",
+                "\"999999999999d\"",
+                "\"10 parsecs\"",
+                "[]",
+                "{}",
+                "\"256.0.0.1:1\"",
+                "\"[::1]:99999\"",
+                "\"postgres://a@b:1/c\"",
+                "\"",
+                "'''",
+                "\"\\u0000\"",
+                "nan",
+                "inf",
+            ])
+            .prop_map(str::to_string),
+            "[ -~]{0,12}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(pgsplit_protocol::proptest_cases(1000)))]
+
+        /// Any text is a configuration or a one-line error, never a panic.
+        #[test]
+        fn arbitrary_text_is_a_config_or_a_one_line_error(text in "\\PC{0,300}") {
+            if let Err(e) = Config::from_toml(&text, &Overrides::default()) {
+                proptest::prop_assert!(!e.to_string().contains('\n'), "{}", e);
+            }
+        }
+
+        /// The shipped file with one line dropped, or one value replaced by
+        /// an odd one, or an odd `--set`: a config or a one-line error.
+        #[test]
+        fn the_shipped_file_mutated_is_a_config_or_a_one_line_error(
+            line in proptest::prelude::any::<proptest::sample::Index>(),
+            drop_it in proptest::prelude::any::<bool>(),
+            value in odd_value(),
+            set in "[a-z_.]{0,24}=[ -~]{0,16}",
+        ) {
+            let lines: Vec<&str> = SHIPPED.lines().collect();
+            let at = line.index(lines.len());
+            let mut text = String::new();
+            for (i, l) in lines.iter().enumerate() {
+                if i == at {
+                    if drop_it {
+                        continue;
+                    }
+                    if let Some((key, _)) = l.split_once('=') {
+                        text.push_str(&format!("{key}= {value}\n"));
+                        continue;
+                    }
+                }
+                text.push_str(l);
+                text.push('\n');
+            }
+            for overrides in [
+                Overrides::default(),
+                Overrides { set: vec![set.clone()], ..Overrides::default() },
+            ] {
+                if let Err(e) = Config::from_toml(&text, &overrides) {
+                    let msg = e.to_string();
+                    proptest::prop_assert!(!msg.contains('\n'), "{}", msg);
+                    proptest::prop_assert!(msg.len() < 400, "{}", msg);
+                }
+            }
+        }
+    }
 }

@@ -27,7 +27,7 @@ pub mod error;
 pub mod fdlimit;
 mod listener;
 mod monitor;
-mod pool;
+pub mod pool;
 pub mod replication;
 mod session;
 pub mod stats;

@@ -97,9 +97,33 @@ pub(crate) async fn worker_loop(
         let permit = acc.permit;
         tracker.spawn(async move {
             let full = permit.is_none();
-            handle(stream, shared, token, full, span).await;
+            let _open = Connected::count(&shared);
+            handle(stream, shared.clone(), token, full, span).await;
             drop(permit);
         });
+    }
+}
+
+/// Counts one open client connection in `clients_connected` while it
+/// lives, however its task ends.
+struct Connected(Arc<Shared>);
+
+impl Connected {
+    fn count(shared: &Arc<Shared>) -> Connected {
+        shared
+            .stats
+            .clients_connected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Connected(shared.clone())
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0
+            .stats
+            .clients_connected
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

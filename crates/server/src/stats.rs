@@ -51,6 +51,8 @@ pub struct Stats {
     pub resolutions: [AtomicU64; 3],
     pub clients_accepted: AtomicU64,
     pub clients_rejected: AtomicU64,
+    /// Client connections open now, logging in or logged in.
+    pub clients_connected: AtomicU64,
 }
 
 impl Stats {

@@ -186,7 +186,7 @@ fn fragment() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(pgsplit_protocol::proptest_cases(128)))]
 
     #[test]
     fn never_panics_on_arbitrary_text(sql in any::<String>()) {
@@ -252,6 +252,156 @@ proptest! {
             let dressed = d.apply(sql, i);
             let got = classify_lexical(&dressed, &[]).map(|c| c.kind);
             prop_assert_eq!(got, Some(want), "{:?}", dressed);
+        }
+    }
+}
+
+/// A read to splice a write into: `(text, starts with SELECT)`.
+const READS: &[&str] = &[
+    "SELECT 1",
+    "SELECT a, b FROM t WHERE a = $1",
+    "SELECT count(*) FROM t JOIN u USING (id) GROUP BY 1 ORDER BY 1",
+    "SELECT * FROM t WHERE id IN (SELECT id FROM u LIMIT 3)",
+    "SELECT x FROM (SELECT 1 AS x UNION ALL SELECT 2) s",
+    "SELECT 'insert into t values (1)', \"delete\" FROM t",
+    "SELECT $$update t set a = 1$$ AS q",
+    "SELECT now() - interval '1 day', lower('DELETE')",
+];
+
+/// A statement that writes, for the multi-statement splice.
+const WRITES: &[&str] = &[
+    "INSERT INTO t VALUES (1)",
+    "UPDATE t SET a = a + 1",
+    "DELETE FROM t WHERE a = 1",
+    "CREATE TABLE n (x int)",
+    "TRUNCATE t",
+    "SELECT nextval('s')",
+    "MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN DELETE",
+];
+
+/// A data-modifying statement that can sit in a CTE.
+const CTE_WRITES: &[&str] = &[
+    "INSERT INTO t VALUES (1) RETURNING *",
+    "UPDATE t SET a = 2 RETURNING a",
+    "DELETE FROM t RETURNING id",
+];
+
+/// A call that writes (or pins the session), for a select list.
+const WRITE_CALLS: &[&str] = &[
+    "nextval('s')",
+    "setval('s', 1)",
+    "pg_catalog.nextval('s')",
+    "NEXTVAL ( 's' )",
+    "pg_advisory_lock(1)",
+    "pg_try_advisory_xact_lock(1)",
+    "lo_create(0)",
+    "pg_notify('c', 'x')",
+    "pg_current_xact_id()",
+    "audit_touch(1)",
+];
+
+/// Comments that look like routing hints, or mention reads.
+const HINT_LIKE: &[&str] = &[
+    "/* pgsplit:replica */ ",
+    "/*pgsplit:replica*/",
+    "-- pgsplit:replica\n",
+    "/* read only: SELECT */ ",
+    "/* pgsplit: replica, it is only a read */ ",
+    "",
+];
+
+/// How a write is spliced into a read.
+#[derive(Clone, Debug)]
+enum Splice {
+    /// `WITH w AS (<write>) <read>`.
+    Cte(usize),
+    /// `WITH r AS (<read>), w AS (<write>) SELECT * FROM r`.
+    SecondCte(usize),
+    /// The read with a writing call added to its select list.
+    Call(usize),
+    /// `<read>; <write>` or `<write>; <read>`, or the write in the middle.
+    Multi(usize, u8),
+    /// `<read> FOR UPDATE` and its siblings.
+    Locking(u8),
+    /// `SELECT … INTO new_table FROM …`.
+    Into,
+}
+
+fn splice() -> impl Strategy<Value = Splice> {
+    prop_oneof![
+        (0..CTE_WRITES.len()).prop_map(Splice::Cte),
+        (0..CTE_WRITES.len()).prop_map(Splice::SecondCte),
+        (0..WRITE_CALLS.len()).prop_map(Splice::Call),
+        (0..WRITES.len(), 0u8..3).prop_map(|(w, at)| Splice::Multi(w, at)),
+        (0u8..4).prop_map(Splice::Locking),
+        Just(Splice::Into),
+    ]
+}
+
+impl Splice {
+    fn apply(&self, read: &str) -> String {
+        let rest = read
+            .strip_prefix("SELECT ")
+            .expect("reads start with SELECT");
+        match *self {
+            Splice::Cte(w) => format!("WITH w AS ({}) {read}", CTE_WRITES[w]),
+            Splice::SecondCte(w) => format!(
+                "WITH r AS ({read}), w AS ({}) SELECT * FROM r",
+                CTE_WRITES[w]
+            ),
+            Splice::Call(c) => format!("SELECT {}, {rest}", WRITE_CALLS[c]),
+            Splice::Multi(w, 0) => format!("{read}; {}", WRITES[w]),
+            Splice::Multi(w, 1) => format!("{}; {read}", WRITES[w]),
+            Splice::Multi(w, _) => format!("{read}; {}; {read};", WRITES[w]),
+            Splice::Locking(l) => format!(
+                "{read} {}",
+                [
+                    "FOR UPDATE",
+                    "FOR NO KEY UPDATE",
+                    "FOR SHARE",
+                    "FOR KEY SHARE NOWAIT"
+                ][l as usize]
+            ),
+            Splice::Into => match rest.split_once(" FROM ") {
+                Some((list, from)) => format!("SELECT {list} INTO TEMP new_t FROM {from}"),
+                None => format!("SELECT {rest} INTO new_t"),
+            },
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(pgsplit_protocol::proptest_cases(512)))]
+
+    /// The safety property again, from the other side: a read with a write
+    /// spliced into it anywhere (a data-modifying CTE, a writing call, one
+    /// statement of several, a locking clause, `INTO`), behind comments
+    /// that look like hints and dressed like any other statement, is never
+    /// classified as a read by either stage.
+    #[test]
+    fn reads_with_a_write_spliced_in_never_stay_reads(
+        read in 0..READS.len(),
+        s in splice(),
+        comment in 0..HINT_LIKE.len(),
+        d in dressing(),
+    ) {
+        let classifier = Classifier::new(ClassifierConfig {
+            write_functions: vec!["audit_*".into()],
+            ..ClassifierConfig::default()
+        });
+        let spliced = format!("{}{}", HINT_LIKE[comment], s.apply(READS[read]));
+        for sql in [spliced.clone(), d.apply(&spliced, read)] {
+            let class = classifier.classify(&sql);
+            prop_assert!(
+                class.kind.needs_primary(),
+                "{:?} classified {:?}", sql, class.kind
+            );
+            if let Some(lexical) = classify_lexical(&sql, &["audit_*".into()]) {
+                prop_assert!(
+                    !matches!(lexical.kind, StmtKind::Read | StmtKind::Empty),
+                    "{:?} lexically {:?}", sql, lexical.kind
+                );
+            }
         }
     }
 }
