@@ -177,6 +177,13 @@ pub(crate) async fn writer(conn: String, id: i64, until: Instant) -> Told {
                     // connections all stuck behind a black hole), or the
                     // proxy's statement timeout: never sent, or rolled back.
                     "53300" | "57014" => told.absent.push(key),
+                    // A new server connection refused at login (the
+                    // primary shutting down): never sent.
+                    "57P03" => told.absent.push(key),
+                    // The server shut down under a statement before any
+                    // COMMIT (whose outcome is resolved, or 08007): the
+                    // transaction is rolled back.
+                    "57P01" => told.absent.push(key),
                     other => panic!("case {case} key {key}: unexpected {other}: {e:?}"),
                 }
                 // End whatever block the failure left open.

@@ -12,6 +12,7 @@ mod chaos;
 mod common;
 mod consistency;
 mod docs;
+mod failover;
 mod failure;
 mod faults;
 mod hostile;

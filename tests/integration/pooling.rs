@@ -42,8 +42,7 @@ fn server_connections(s: &Stack, which: Which) -> usize {
         which,
         "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' \
          AND backend_type = 'client backend' \
-         AND query NOT LIKE 'SELECT pg_current_wal_lsn()::text%' \
-         AND query NOT LIKE 'SELECT pg_is_in_recovery()::text, pg_last_wal_replay_lsn()%'",
+         AND application_name <> 'pgsplit monitor'",
     )
     .parse()
     .unwrap()

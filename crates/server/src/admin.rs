@@ -141,6 +141,29 @@ pub(crate) fn health(shared: &Shared) -> (bool, String) {
     if let Some(st) = rep.stale(bound) {
         problems.push(st.to_string());
     }
+    let primaries = shared.failover.report();
+    if shared.failover.following() {
+        if primaries.current.is_none() {
+            problems.push(primaries.why.clone());
+        }
+        if let Some(a) = &primaries.alarm {
+            problems.push(a.clone());
+        }
+    }
+    let candidates = primaries
+        .rows()
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"candidate\":\"{}\",\"role\":\"{}\",\"timeline\":{},\"current\":{}}}",
+                r[0].replace('"', "'"),
+                r[1],
+                if r[2].is_empty() { "null" } else { &r[2] },
+                r[3] == "yes"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",");
     let lag = rep
         .lag_ms()
         .map_or_else(|| "null".to_owned(), |ms| ms.to_string());
@@ -151,10 +174,14 @@ pub(crate) fn health(shared: &Shared) -> (bool, String) {
         .collect::<Vec<_>>()
         .join(",");
     let body = format!(
-        "{{\"status\":\"{}\",\"primary\":\"{}\",\"replica\":\"{}\",\"replica_lag_ms\":{lag},\"problems\":[{reasons}]}}\n",
+        "{{\"status\":\"{}\",\"primary\":\"{}\",\"replica\":\"{}\",\"replica_lag_ms\":{lag},\"problems\":[{reasons}],\"primary_candidates\":[{candidates}],\"primary_changed_at\":{},\"primary_change_reason\":\"{}\"}}\n",
         if ok { "ok" } else { "degraded" },
         if rep.primary_up() { "up" } else { "down" },
         if rep.replica_up() { "up" } else { "down" },
+        primaries
+            .changed_at_secs()
+            .map_or_else(|| "null".to_owned(), |s| s.to_string()),
+        primaries.why.replace('"', "'"),
     );
     (ok, body)
 }
@@ -194,6 +221,17 @@ pub(crate) fn metrics(shared: &Shared) -> String {
         "pgsplit_replica_up",
         "1 when the monitor reaches the replica.",
         Some(f64::from(u8::from(rep.replica_up()))),
+    );
+    let primaries = shared.failover.report();
+    gauge(
+        "pgsplit_primary_changes",
+        "Times writes moved to another primary candidate (or were refused) since the first was chosen.",
+        Some(primaries.changes as f64),
+    );
+    gauge(
+        "pgsplit_primary_alarm",
+        "1 while several primary candidates are writable at once.",
+        Some(f64::from(u8::from(primaries.alarm.is_some()))),
     );
     gauge(
         "pgsplit_clients",
@@ -282,12 +320,45 @@ pub(crate) fn metrics(shared: &Shared) -> String {
         "Client connections refused (limit, bad startup, failed login).",
         s.clients_rejected.load(Relaxed),
     );
+    candidate_metrics(shared, &mut out);
     pool_metrics(shared, &mut out);
     out
 }
 
 /// The pools: connections by state per pool, waiters, and process-wide
 /// counters with the checkout wait histogram.
+/// Each primary candidate: reachable, writable, current, and its timeline.
+fn candidate_metrics(shared: &Shared, out: &mut String) {
+    let r = shared.failover.report();
+    let _ = writeln!(
+        out,
+        "# HELP pgsplit_primary_candidate_up 1 when the monitor reaches the candidate.\n\
+         # TYPE pgsplit_primary_candidate_up gauge\n\
+         # HELP pgsplit_primary_candidate_writable 1 when the candidate takes writes (not in recovery, not read-only).\n\
+         # TYPE pgsplit_primary_candidate_writable gauge\n\
+         # HELP pgsplit_primary_candidate_current 1 for the candidate writes go to.\n\
+         # TYPE pgsplit_primary_candidate_current gauge\n\
+         # HELP pgsplit_primary_candidate_timeline The candidate's timeline, when known.\n\
+         # TYPE pgsplit_primary_candidate_timeline gauge"
+    );
+    for (i, a) in r.addrs.iter().enumerate() {
+        let label = format!("candidate=\"{}\"", escape_label(&a.to_string()));
+        let seen = r.seen.get(i).copied().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "pgsplit_primary_candidate_up{{{label}}} {}\n\
+             pgsplit_primary_candidate_writable{{{label}}} {}\n\
+             pgsplit_primary_candidate_current{{{label}}} {}",
+            u8::from(seen.reachable),
+            u8::from(seen.writable),
+            u8::from(r.current == Some(i)),
+        );
+        if let Some(t) = seen.timeline {
+            let _ = writeln!(out, "pgsplit_primary_candidate_timeline{{{label}}} {t}");
+        }
+    }
+}
+
 fn pool_metrics(shared: &Shared, out: &mut String) {
     use crate::pool::{STATS, WAIT_BUCKETS};
     let _ = writeln!(

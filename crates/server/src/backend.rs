@@ -40,6 +40,10 @@ pub enum BackendError {
     },
     #[error("timed out after {0:?} connecting to the server")]
     Timeout(Duration),
+    /// No primary candidate takes writes now (several primary candidates
+    /// only): two are writable, or none has been seen writable.
+    #[error("{0}")]
+    NoPrimary(String),
     #[error("the primary link is down: no heartbeat answer within {0:?}")]
     LinkDown(Duration),
     #[error("connection to the server lost: {0}")]

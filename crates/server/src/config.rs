@@ -64,10 +64,12 @@ impl Default for Config {
             primary: BackendAddr {
                 host: "127.0.0.1".into(),
                 port: 5433,
+                hosts: Vec::new(),
             },
             replica: BackendAddr {
                 host: "127.0.0.1".into(),
                 port: 5432,
+                hosts: Vec::new(),
             },
             max_message_bytes: pgsplit_protocol::DEFAULT_MAX_MESSAGE_BYTES,
             max_client_connections: 1000,
@@ -88,6 +90,50 @@ impl Default for Config {
 pub struct BackendAddr {
     pub host: String,
     pub port: u16,
+    /// Primary only: the candidates to follow a promotion among
+    /// (`"host:port"`; `host` and `port` are then the first of them). See
+    /// [`failover`](crate::failover).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+impl BackendAddr {
+    /// `"host:port"` (a bracketed IPv6 address, a bare host for port 5432,
+    /// or a unix socket directory, which takes port 5432 unless given
+    /// after a colon).
+    ///
+    /// # Errors
+    /// A reason for an empty host or a bad port.
+    pub fn parse(s: &str) -> Result<BackendAddr, String> {
+        let s = s.trim();
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, after) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("{s:?}: unclosed ["))?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match s.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h, Some(p)),
+                _ => (s, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{s:?}: missing host"));
+        }
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{s:?}: bad port {p:?}"))?,
+            None => 5432,
+        };
+        Ok(BackendAddr {
+            host: host.to_owned(),
+            port,
+            hosts: Vec::new(),
+        })
+    }
 }
 
 impl std::fmt::Display for BackendAddr {
@@ -480,6 +526,10 @@ pub struct Monitor {
     pub password: Option<String>,
     /// Database the monitor connects to.
     pub database: String,
+    /// With several primary candidates: how long a newly writable one must
+    /// stay writable before writes move to it.
+    #[serde(deserialize_with = "duration")]
+    pub failover_grace: Duration,
 }
 
 impl Default for Monitor {
@@ -490,6 +540,7 @@ impl Default for Monitor {
             user: None,
             password: None,
             database: "postgres".into(),
+            failover_grace: Duration::from_secs(1),
         }
     }
 }
@@ -591,6 +642,21 @@ pub struct Overrides {
 }
 
 impl Config {
+    /// The primary candidates: `[primary] hosts` when given (the first of
+    /// them is also `host`/`port`), otherwise the one primary.
+    pub fn primary_candidates(&self) -> Vec<BackendAddr> {
+        if self.primary.hosts.is_empty() {
+            let mut p = self.primary.clone();
+            p.hosts.clear();
+            return vec![p];
+        }
+        self.primary
+            .hosts
+            .iter()
+            .filter_map(|h| BackendAddr::parse(h).ok())
+            .collect()
+    }
+
     /// Worker threads to run with.
     pub fn worker_threads(&self) -> usize {
         if self.workers > 0 {
@@ -641,6 +707,14 @@ impl Config {
                     "port".into(),
                     toml::Value::Integer(i64::from(url.addr.port)),
                 );
+                if !url.hosts.is_empty() {
+                    t.insert(
+                        "hosts".into(),
+                        toml::Value::Array(
+                            url.hosts.into_iter().map(toml::Value::String).collect(),
+                        ),
+                    );
+                }
             }
             url_users.push((url.user, url.password));
         }
@@ -664,6 +738,14 @@ impl Config {
             .map_err(|e| ConfigError::Parse(one_line(&e.to_string())))?;
         if let Some(l) = overrides.listen {
             cfg.listen = l;
+        }
+        if let Some(first) = cfg.primary.hosts.first() {
+            let first = BackendAddr::parse(first).map_err(|e| ConfigError::Invalid {
+                key: "primary.hosts".into(),
+                reason: e,
+            })?;
+            cfg.primary.host = first.host;
+            cfg.primary.port = first.port;
         }
         for (user, password) in url_users {
             cfg.add_url_user(user, password);
@@ -701,6 +783,15 @@ impl Config {
             key: key.to_owned(),
             reason: reason.to_owned(),
         };
+        if !self.replica.hosts.is_empty() {
+            return Err(invalid(
+                "replica.hosts",
+                "only the primary has candidates; the replica is one server",
+            ));
+        }
+        for h in &self.primary.hosts {
+            BackendAddr::parse(h).map_err(|e| invalid("primary.hosts", &e))?;
+        }
         if self.primary == self.replica {
             return Err(invalid(
                 "replica",
@@ -871,9 +962,31 @@ fn apply_set(table: &mut toml::Table, kv: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// libpq's multi-host URL (`postgres://u:p@h1:5433,h2:5432/db`): the URL
+/// with only its first host, and all the hosts when there are several.
+fn split_hosts(s: &str) -> (String, Vec<String>) {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return (s.to_owned(), Vec::new());
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, hostlist) = match authority.rfind('@') {
+        Some(at) => authority.split_at(at + 1),
+        None => ("", authority),
+    };
+    if !hostlist.contains(',') {
+        return (s.to_owned(), Vec::new());
+    }
+    let hosts: Vec<String> = hostlist.split(',').map(str::to_owned).collect();
+    (format!("{scheme}://{userinfo}{}{tail}", hosts[0]), hosts)
+}
+
 /// A parsed `postgres://` URL.
 struct BackendUrl {
     addr: BackendAddr,
+    /// Every host of a libpq multi-host URL (`h1:5433,h2:5432`), when
+    /// there are several.
+    hosts: Vec<String>,
     user: Option<String>,
     password: Option<String>,
 }
@@ -883,7 +996,10 @@ fn parse_url(s: &str, which: &'static str) -> Result<BackendUrl, ConfigError> {
         which,
         reason: reason.to_owned(),
     };
-    let url = url::Url::parse(s).map_err(|e| bad(&e.to_string()))?;
+    // `url::Url` rejects libpq's multi-host form: keep the first host for
+    // it and the list for the candidates.
+    let (s, hosts) = split_hosts(s);
+    let url = url::Url::parse(&s).map_err(|e| bad(&e.to_string()))?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
         return Err(bad("scheme must be postgres:// or postgresql://"));
     }
@@ -912,10 +1028,15 @@ fn parse_url(s: &str, which: &'static str) -> Result<BackendUrl, ConfigError> {
     }
     let user = (!url.username().is_empty()).then(|| decode(url.username()));
     let password = url.password().map(decode);
+    for h in &hosts {
+        BackendAddr::parse(h).map_err(|e| bad(&e))?;
+    }
     Ok(BackendUrl {
+        hosts,
         addr: BackendAddr {
             host,
             port: url.port().unwrap_or(5432),
+            hosts: Vec::new(),
         },
         user,
         password,
@@ -1048,6 +1169,46 @@ mod tests {
             &Overrides::default(),
         );
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn a_multi_host_url_lists_the_primary_candidates() {
+        let c = Config::from_toml(
+            "",
+            &Overrides {
+                primary_url: Some("postgres://u:p%40@h1:5433,[::1]:6000,h3/db".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        let got: Vec<String> = c
+            .primary_candidates()
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(got, ["h1:5433", "::1:6000", "h3:5432"]);
+        assert_eq!((c.primary.host.as_str(), c.primary.port), ("h1", 5433));
+        assert_eq!(c.user("u").unwrap().password.as_deref(), Some("p@"));
+        let one = Config::from_toml("", &Overrides::default()).unwrap();
+        assert_eq!(one.primary_candidates().len(), 1);
+        let set = Config::from_toml(
+            "[primary]\nhosts = [\"10.0.0.1:5433\", \"127.0.0.1:5432\"]\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (set.primary.host.as_str(), set.primary.port),
+            ("10.0.0.1", 5433)
+        );
+        for bad in [
+            "[primary]\nhosts = [\"h:0\"]\n",
+            "[replica]\nhosts = [\"h:1\"]\n",
+        ] {
+            let e = Config::from_toml(bad, &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("hosts"), "{e}");
+        }
     }
 
     /// The shipped example configuration, which the mutations start from.

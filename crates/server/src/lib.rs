@@ -24,6 +24,7 @@ pub mod backend;
 pub mod cancel;
 pub mod config;
 pub mod error;
+pub mod failover;
 pub mod fdlimit;
 mod listener;
 mod monitor;
@@ -56,21 +57,51 @@ pub struct Shared {
     pub replication: replication::Replication,
     /// Server connections shared by the sessions.
     pub pools: pool::Pools,
+    /// The primary candidates and which of them takes writes now.
+    pub failover: failover::Candidates,
 }
 
 impl Shared {
+    /// Where a new connection to `t` goes, and the failover generation it
+    /// belongs to (0 for the replica).
+    ///
+    /// # Errors
+    /// `NoPrimary` when no candidate takes writes now, and why.
+    pub fn server_addr(
+        &self,
+        t: pgsplit_router::Target,
+    ) -> Result<(config::BackendAddr, u64), backend::BackendError> {
+        match t {
+            pgsplit_router::Target::Replica => Ok((self.config.replica.clone(), 0)),
+            pgsplit_router::Target::Primary => self
+                .failover
+                .current()
+                .map(|(a, g)| (a.clone(), g))
+                .map_err(backend::BackendError::NoPrimary),
+        }
+    }
+
     pub fn new(config: Arc<Config>) -> Shared {
         let classifier = Classifier::new(ClassifierConfig {
             write_functions: config.routing.write_functions.clone(),
             cache_capacity: config.routing.parse_cache_entries,
         });
+        let candidates = config.primary_candidates();
+        let replication = replication::Replication::default();
+        replication.set_replica_promotable(
+            candidates.len() > 1
+                && candidates
+                    .iter()
+                    .any(|c| c.host == config.replica.host && c.port == config.replica.port),
+        );
         Shared {
             secrets: auth::Secrets::new(&config),
             classifier,
             cancels: Arc::default(),
             stats: stats::Stats::default(),
-            replication: replication::Replication::default(),
+            replication,
             pools: pool::Pools::new(&config),
+            failover: failover::Candidates::new(candidates),
             config,
         }
     }

@@ -16,11 +16,31 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backend::{BackendConn, Login};
+use crate::config::BackendAddr;
+use crate::failover::{Decider, Seen};
 use crate::replication::{parse_lsn, ReplicaPoll};
 use crate::Shared;
 
 const PRIMARY_POLL: &str = "SELECT pg_current_wal_lsn()::text";
-const REPLICA_POLL: &str = "SELECT pg_is_in_recovery()::text, pg_last_wal_replay_lsn()::text";
+/// What each primary candidate is: in recovery, read-only (a primary
+/// fenced with `default_transaction_read_only`), its timeline (from the
+/// current WAL file's name on a primary, from the WAL receiver on a
+/// standby; `pg_control_checkpoint()` would lag a promotion until the next
+/// checkpoint) and, on a primary, its WAL position.
+const CANDIDATE_POLL: &str = "SELECT pg_is_in_recovery()::text, \
+     current_setting('transaction_read_only'), \
+     CASE WHEN pg_is_in_recovery() \
+          THEN (SELECT received_tli FROM pg_stat_wal_receiver)::text \
+          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int::text END, \
+     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END";
+/// In recovery, and how far it has replayed; once promoted, all it has (its
+/// current WAL position), which is what reads there see.
+const REPLICA_POLL: &str = "SELECT pg_is_in_recovery()::text, \
+     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+          ELSE pg_current_wal_lsn() END::text";
+
+/// The `application_name` of the monitor's connections.
+pub const MONITOR_APPLICATION: &str = "pgsplit monitor";
 
 /// Runs until `shutdown`.
 pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
@@ -33,6 +53,23 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     info!(interval = ?cfg.monitor.interval, "replication monitor started");
     let mut primary: Option<BackendConn> = None;
     let mut replica: Option<BackendConn> = None;
+    let following = shared.failover.following();
+    let mut candidates: Vec<Option<BackendConn>> =
+        shared.failover.addrs().iter().map(|_| None).collect();
+    let mut decider = Decider::new(
+        shared
+            .failover
+            .addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+    );
+    // Named, so that operators (and tests) can tell its connections from
+    // the sessions' in pg_stat_activity.
+    let monitor_params = vec![(
+        "application_name".to_owned(),
+        MONITOR_APPLICATION.to_owned(),
+    )];
     let mut ticker = tokio::time::interval(cfg.monitor.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -40,7 +77,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             user: &creds.0,
             password: creds.1.as_deref(),
             database: &cfg.monitor.database,
-            params: &[],
+            params: &monitor_params,
         };
         let fast = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -52,7 +89,15 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             // milliseconds until no read waits, so the wait ends soon after
             // the replay rather than at the next regular poll.
             tokio::time::sleep(FAST_REPLICA_POLL).await;
-            let r = poll(&shared, Target::Replica, &mut replica, &login, REPLICA_POLL).await;
+            let r = poll(
+                &shared,
+                Target::Replica,
+                &cfg.replica,
+                &mut replica,
+                &login,
+                REPLICA_POLL,
+            )
+            .await;
             if r != Err(Failure::Refused) {
                 shared
                     .replication
@@ -61,9 +106,32 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             continue;
         }
         let poll_no = shared.replication.start_poll();
+        let primary_side = async {
+            if following {
+                follow(&shared, &mut candidates, &mut decider, &creds).await
+            } else {
+                let addr = &cfg.primary;
+                poll(
+                    &shared,
+                    Target::Primary,
+                    addr,
+                    &mut primary,
+                    &login,
+                    PRIMARY_POLL,
+                )
+                .await
+            }
+        };
         let (p, r) = tokio::join!(
-            poll(&shared, Target::Primary, &mut primary, &login, PRIMARY_POLL),
-            poll(&shared, Target::Replica, &mut replica, &login, REPLICA_POLL),
+            primary_side,
+            poll(
+                &shared,
+                Target::Replica,
+                &cfg.replica,
+                &mut replica,
+                &login,
+                REPLICA_POLL
+            ),
         );
         // A server that answers with an error (or refuses the monitor's
         // login) is reachable: that says nothing about the link, so the
@@ -84,6 +152,91 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         shared
             .replication
             .set_replica(r.ok().map(|row| replica_poll(&row)));
+    }
+}
+
+/// Polls every primary candidate at once, lets the decider move writes,
+/// and returns the current primary's WAL position as the primary poll.
+async fn follow(
+    shared: &Arc<Shared>,
+    conns: &mut [Option<BackendConn>],
+    decider: &mut Decider,
+    creds: &(String, Option<String>),
+) -> Result<Row, Failure> {
+    let mut set = tokio::task::JoinSet::new();
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let mut c = conn.take();
+        let shared = shared.clone();
+        let addr = shared.failover.addrs()[i].clone();
+        let (user, password) = creds.clone();
+        set.spawn(async move {
+            let monitor_params = vec![(
+                "application_name".to_owned(),
+                MONITOR_APPLICATION.to_owned(),
+            )];
+            let login = Login {
+                user: &user,
+                password: password.as_deref(),
+                database: &shared.config.monitor.database,
+                params: &monitor_params,
+            };
+            let r = poll(
+                &shared,
+                Target::Primary,
+                &addr,
+                &mut c,
+                &login,
+                CANDIDATE_POLL,
+            )
+            .await;
+            (i, c, r)
+        });
+    }
+    let mut results = vec![Err(Failure::Down); conns.len()];
+    while let Some(done) = set.join_next().await {
+        if let Ok((i, c, r)) = done {
+            conns[i] = c;
+            results[i] = r;
+        }
+    }
+    let seen: Vec<Seen> = results
+        .iter()
+        .map(|r| match r {
+            Ok(row) => {
+                let col = |i: usize| row.get(i).cloned().flatten();
+                let writable =
+                    col(0).as_deref() == Some("false") && col(1).as_deref() == Some("off");
+                Seen {
+                    reachable: true,
+                    writable,
+                    read_only: !writable,
+                    timeline: col(2).and_then(|t| t.parse().ok()),
+                }
+            }
+            // Answering with an error is reachable, and not writable.
+            Err(Failure::Refused) => Seen {
+                reachable: true,
+                ..Seen::default()
+            },
+            Err(_) => Seen::default(),
+        })
+        .collect();
+    let (change, alarm) = decider.step(
+        &seen,
+        std::time::Instant::now(),
+        shared.config.monitor.failover_grace,
+    );
+    if change.is_some() {
+        shared.replication.primary_changed();
+    }
+    shared.failover.record(seen, change, alarm);
+    match shared.failover.current_index() {
+        // Its WAL position, in the first column as the primary poll has it.
+        Some(i) => results[i]
+            .clone()
+            .map(|row| vec![row.get(3).cloned().flatten()]),
+        // No primary: writes are refused, and the primary counts as down.
+        None => Err(Failure::Down),
     }
 }
 
@@ -119,6 +272,7 @@ type Row = Vec<Option<String>>;
 async fn poll(
     shared: &Shared,
     t: Target,
+    addr: &BackendAddr,
     conn: &mut Option<BackendConn>,
     login: &Login<'_>,
     sql: &str,
@@ -128,7 +282,7 @@ async fn poll(
     // means the server is down.
     for _ in 0..2 {
         let fresh = conn.is_none();
-        match poll_once(shared, t, conn, login, sql).await {
+        match poll_once(shared, t, addr, conn, login, sql).await {
             Ok(row) => return Ok(row),
             Err(Failure::Broken) if !fresh => {}
             Err(Failure::Broken) => return Err(Failure::Down),
@@ -141,6 +295,7 @@ async fn poll(
 async fn poll_once(
     shared: &Shared,
     t: Target,
+    addr: &BackendAddr,
     conn: &mut Option<BackendConn>,
     login: &Login<'_>,
     sql: &str,
@@ -156,10 +311,6 @@ async fn poll_once(
         (bound, bound)
     };
     if conn.is_none() {
-        let addr = match t {
-            Target::Primary => &cfg.primary,
-            Target::Replica => &cfg.replica,
-        };
         match BackendConn::connect(t, &addr.host, addr.port, login, bound).await {
             Ok(c) => *conn = Some(c),
             Err(e @ crate::backend::BackendError::Refused { .. }) => {

@@ -28,6 +28,12 @@ pub struct Replication {
     replica_up: AtomicBool,
     /// In recovery and replaying (not still starting, not promoted).
     replica_replaying: AtomicBool,
+    /// The replica is one of the primary candidates (see `failover`): once
+    /// promoted it is a primary writes follow, not a replica left behind,
+    /// and reads there see everything.
+    replica_promotable: AtomicBool,
+    /// Up and out of recovery.
+    replica_promoted: AtomicBool,
     /// Completed replica polls; 0 until the first one.
     replica_polls: AtomicU64,
     /// When the primary's WAL positions were first seen (monitor only).
@@ -61,6 +67,8 @@ impl Default for Replication {
             primary_up: AtomicBool::new(true),
             replica_up: AtomicBool::new(true),
             replica_replaying: AtomicBool::new(true),
+            replica_promotable: AtomicBool::new(false),
+            replica_promoted: AtomicBool::new(false),
             replica_polls: AtomicU64::new(0),
             seen: Mutex::new(Seen::default()),
             polls_started: AtomicU64::new(0),
@@ -236,12 +244,27 @@ impl Replication {
         if !self.replica_up.load(Relaxed) {
             return Some(Stale::Down);
         }
+        if self.promoted_candidate() {
+            return None;
+        }
         if !self.replica_replaying.load(Relaxed) {
             return Some(Stale::NotReplaying);
         }
         let lag = self.lag_ms()?;
         let bound_ms = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX);
         (lag > bound_ms).then_some(Stale::Lagging(lag))
+    }
+
+    /// The replica is one of the primary candidates, so that its promotion
+    /// makes it a primary reads may stay on.
+    pub(crate) fn set_replica_promotable(&self, yes: bool) {
+        self.replica_promotable.store(yes, Relaxed);
+    }
+
+    /// The replica was promoted, and it is one of the primary candidates:
+    /// it has all there is (or writes will soon follow it there).
+    pub fn promoted_candidate(&self) -> bool {
+        self.replica_promotable.load(Relaxed) && self.replica_promoted.load(Relaxed)
     }
 
     /// Completed replica polls (tests and `/health` wait on this).
@@ -271,6 +294,18 @@ impl Replication {
         let link_up = up || !silent;
         self.link
             .send_if_modified(|v| std::mem::replace(v, link_up) != link_up);
+    }
+
+    /// Writes moved to another primary (a promotion was followed): its WAL
+    /// positions continue a new timeline, so what was sampled of the old
+    /// one is forgotten.
+    pub(crate) fn primary_changed(&self) {
+        self.primary_lsn.store(0, Relaxed);
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ring
+            .clear();
     }
 
     /// The monitor starts a primary poll; returns its number.
@@ -325,13 +360,17 @@ impl Replication {
                 self.replica_up.store(true, Relaxed);
                 let replaying = p.in_recovery && p.replay_lsn.is_some();
                 self.replica_replaying.store(replaying, Relaxed);
+                self.replica_promoted.store(!p.in_recovery, Relaxed);
                 if let Some(l) = p.replay_lsn {
                     self.replay_lsn.store(l, Relaxed);
                 }
-                let lag = p
-                    .replay_lsn
-                    .and_then(|r| seen.lag(r, self.primary_up(), now))
-                    .map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                let lag = if self.promoted_candidate() {
+                    0
+                } else {
+                    p.replay_lsn
+                        .and_then(|r| seen.lag(r, self.primary_up(), now))
+                        .map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                };
                 self.lag_ms.store(lag, Relaxed);
             }
         }

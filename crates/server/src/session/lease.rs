@@ -82,14 +82,16 @@ pub(crate) async fn checkout(
                     debug!(target = ?t, "pooled connection found closed; replacing it");
                     continue;
                 }
+                if t == Target::Primary && b.generation != shared.failover.generation() {
+                    debug!("pooled connection to a former primary; closing it");
+                    b.conn.terminate().await;
+                    continue;
+                }
                 return Ok(b);
             }
             Ok(Checkout::Room(lease)) => {
                 let cfg = &shared.config;
-                let addr = match t {
-                    Target::Primary => &cfg.primary,
-                    Target::Replica => &cfg.replica,
-                };
+                let (addr, generation) = shared.server_addr(t).map_err(LeaseError::Connect)?;
                 let login = Login {
                     user: user.backend_user(),
                     password: user.backend_password(),
@@ -103,6 +105,7 @@ pub(crate) async fn checkout(
                         .map_err(LeaseError::Connect)?;
                 let mut b = Box::new(Backend::new(conn, tm));
                 b.lease = Some(lease);
+                b.generation = generation;
                 return Ok(b);
             }
         }
@@ -326,11 +329,14 @@ pub(crate) async fn maintain(
         for t in [Target::Primary, Target::Replica] {
             let pools = shared.pools.get(t);
             let tm = shared.config.timeouts.for_target(t == Target::Primary);
+            let generation = shared.failover.generation();
             let expired = pools.expired(tm.server_idle_timeout, |b| {
-                tm.server_lifetime.is_some_and(|l| {
-                    let jitter = rand::thread_rng().gen_range(0.9..=1.0);
-                    b.opened.elapsed() >= l.mul_f64(jitter)
-                })
+                // A connection to a former primary goes at once.
+                (t == Target::Primary && b.generation != generation)
+                    || tm.server_lifetime.is_some_and(|l| {
+                        let jitter = rand::thread_rng().gen_range(0.9..=1.0);
+                        b.opened.elapsed() >= l.mul_f64(jitter)
+                    })
             });
             for b in expired {
                 b.conn.terminate().await;
@@ -342,9 +348,8 @@ pub(crate) async fn maintain(
                 let Some(user) = shared.config.user(&key.user) else {
                     continue;
                 };
-                let addr = match t {
-                    Target::Primary => &shared.config.primary,
-                    Target::Replica => &shared.config.replica,
+                let Ok((addr, generation)) = shared.server_addr(t) else {
+                    continue;
                 };
                 let login = Login {
                     user: user.backend_user(),
@@ -362,6 +367,7 @@ pub(crate) async fn maintain(
                         Ok(conn) => {
                             let mut b = Box::new(Backend::new(conn, tm));
                             b.lease = Some(lease);
+                            b.generation = generation;
                             pools.put(b, id, 0);
                         }
                         Err(e) => {

@@ -426,6 +426,7 @@ impl Session {
                 self.recheck_pin().await?;
             }
             self.release_idle();
+            self.leave_old_primary()?;
             if self.lsn_due.is_some() && self.copy_in.is_none() {
                 self.send_due_lsn_query().await?;
             }
@@ -490,6 +491,7 @@ impl Session {
                     if self.idle_in_transaction.is_some() {
                         self.idle_since = Instant::now();
                     }
+                    self.leave_old_primary()?;
                     if let Flow::Exit = self.process_client().await? {
                         return Ok(());
                     }
@@ -499,6 +501,24 @@ impl Session {
                 Ev::Shutdown => return Err(Error::ShuttingDown),
             }
         }
+    }
+}
+
+impl Session {
+    /// Writes moved to another primary (a promotion was followed) while this
+    /// session held a connection to the old one, idle between statements:
+    /// it is closed, so a block open there ends as on a lost connection
+    /// (08006 to the next statement, the old server rolls it back) rather
+    /// than writing on to a server that is no longer the primary.
+    fn leave_old_primary(&mut self) -> Result<(), Error> {
+        let old = self.backends[idx(Target::Primary)]
+            .as_ref()
+            .is_some_and(|b| b.generation != self.shared.failover.generation());
+        if old && !self.busy(Target::Primary) {
+            tracing::info!("the primary changed: closing this session's connection to the old one");
+            return self.backend_lost(Target::Primary);
+        }
+        Ok(())
     }
 }
 

@@ -163,6 +163,16 @@ impl Session {
                         }
                     }
                     bt::ERROR_RESPONSE if quiet => {
+                        if ErrorFields::parse(body)?.is_fatal() {
+                            // The server is closing the connection (a
+                            // shutdown) in place of the COMMIT's answer:
+                            // whether it committed is for the loss of the
+                            // connection to settle (commit resolution),
+                            // never a FATAL relayed to a session that
+                            // goes on.
+                            debug!(target = ?t, "backend sent FATAL in place of a wrapped write's COMMIT");
+                            continue;
+                        }
                         b.errored = true;
                         self.out.push_back(f.freeze());
                     }
@@ -243,6 +253,18 @@ impl Session {
                             self.flush_run(t, &mut run);
                             self.skip(t, len);
                             let b = self.backends[idx(t)].as_mut().expect("exists");
+                            // In place of a COMMIT's answer (a shutdown):
+                            // whether it committed is for the loss of the
+                            // connection to settle (commit resolution, or
+                            // 08007), never this error's guess.
+                            let outcome_in_question = b
+                                .pending
+                                .iter()
+                                .find(|p| !p.own)
+                                .is_some_and(|p| p.writes && p.commits);
+                            if outcome_in_question {
+                                continue;
+                            }
                             b.dead = true;
                             // Told only to a statement waiting for this
                             // server: one that ended while the client was
@@ -601,6 +623,7 @@ impl Session {
                     pid: b.conn.pid,
                     success,
                     started: std::time::Instant::now(),
+                    generation: b.generation,
                 });
                 first = None;
                 continue;

@@ -48,6 +48,8 @@ pub(super) struct Resolution {
     /// What the client gets if it committed, before its ReadyForQuery.
     pub success: Bytes,
     pub started: Instant,
+    /// The failover generation of the primary it ran on.
+    pub generation: u64,
 }
 
 /// What the primary says happened.
@@ -166,7 +168,11 @@ impl Session {
                 return Outcome::Unknown;
             }
             if conn.is_none() {
-                match tokio::time::timeout_at(deadline.into(), self.connect(Target::Primary)).await
+                match tokio::time::timeout_at(
+                    deadline.into(),
+                    self.connect(Target::Primary, r.generation),
+                )
+                .await
                 {
                     Ok(Ok(c)) => conn = Some(c),
                     Ok(Err(e)) => {

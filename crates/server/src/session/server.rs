@@ -79,6 +79,9 @@ pub(crate) struct Backend {
     /// shared by every session that leases it, emptied past
     /// [`PREPARED_CACHE`] entries.
     pub(super) prepared: std::collections::HashSet<u64>,
+    /// The failover generation of the primary this connection is to (see
+    /// [`failover`](crate::failover)); 0 for the replica.
+    pub(crate) generation: u64,
 }
 
 /// Past this many statements prepared on one server connection, the next
@@ -90,6 +93,7 @@ impl Backend {
         let now = Instant::now();
         Backend {
             lease: None,
+            generation: 0,
             carried: 0,
             reset_due: false,
             prepared: std::collections::HashSet::new(),
@@ -314,10 +318,22 @@ impl Session {
 
     /// A connection of the proxy's own outside the pools (to resolve a lost
     /// commit), logged in as the session's user.
-    pub(super) async fn connect(&self, t: Target) -> Result<BackendConn, BackendError> {
+    ///
+    /// For the primary, the one of failover generation `generation`: a lost
+    /// commit is asked about where it was sent, and when that server is no
+    /// longer known, the connection fails.
+    pub(super) async fn connect(
+        &self,
+        t: Target,
+        generation: u64,
+    ) -> Result<BackendConn, BackendError> {
         let cfg = &self.shared.config;
         let addr = match t {
-            Target::Primary => &cfg.primary,
+            Target::Primary => self.shared.failover.addr_of(generation).ok_or_else(|| {
+                BackendError::NoPrimary(
+                    "the primary the commit was sent to is no longer known".into(),
+                )
+            })?,
             Target::Replica => &cfg.replica,
         };
         let login = Login {

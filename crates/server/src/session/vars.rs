@@ -211,6 +211,11 @@ const POOL_COLUMNS: [&str; 9] = [
 pub(super) fn show_columns(name: &str) -> Vec<String> {
     if name == "pools" {
         POOL_COLUMNS.iter().map(|c| (*c).to_owned()).collect()
+    } else if name == "primaries" {
+        crate::failover::COLUMNS
+            .iter()
+            .map(|c| (*c).to_owned())
+            .collect()
     } else {
         vec![format!("pgsplit.{name}")]
     }
@@ -278,6 +283,11 @@ impl super::Session {
                     tag: "SHOW",
                 })
             }
+            Command::Show(name) if name == "primaries" => Ok(Answer {
+                columns: show_columns(&name),
+                rows: self.shared.failover.report().rows(),
+                tag: "SHOW",
+            }),
             Command::Show(name) => {
                 let rep = &self.shared.replication;
                 let value = match name.as_str() {
