@@ -74,6 +74,20 @@ pub async fn port_of(c: &Client, sql: &str) -> i32 {
     panic!("no row from {sql}");
 }
 
+/// The rows of a simple query's answer, as text (NULL as "").
+pub fn text_rows(msgs: Vec<tokio_postgres::SimpleQueryMessage>) -> Vec<Vec<String>> {
+    msgs.into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or_default().to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
 /// SQLSTATE of a failed call.
 pub fn code(e: &tokio_postgres::Error) -> String {
     e.code()

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use pgsplit_lab::stack::Stack;
 use pgsplit_lab::Which;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 use crate::admin::{get, request};
 use crate::chaos::{gather, writer};
@@ -46,19 +46,11 @@ fn following_stack(setup: &str, extra: &[&str]) -> Stack {
 
 /// `SHOW pgsplit.primaries`, one row per candidate.
 async fn primaries(c: &Client) -> Vec<Vec<String>> {
-    c.simple_query("SHOW pgsplit.primaries")
-        .await
-        .expect("SHOW pgsplit.primaries")
-        .into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or_default().to_owned())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
+    text_rows(
+        c.simple_query("SHOW pgsplit.primaries")
+            .await
+            .expect("SHOW pgsplit.primaries"),
+    )
 }
 
 /// Waits (within 10 s) until `SHOW pgsplit.primaries` names `addr` as the

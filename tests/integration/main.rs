@@ -11,6 +11,7 @@ mod auth;
 mod chaos;
 mod common;
 mod consistency;
+mod console;
 mod docs;
 mod failover;
 mod failure;

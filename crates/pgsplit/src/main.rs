@@ -104,7 +104,8 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let token = CancellationToken::new();
-    let on_signal = token.clone();
+    let now = server.shared().immediate.clone();
+    let (on_signal, on_second) = (token.clone(), now.clone());
     let signals = std::thread::Builder::new()
         .name("pgsplit-signals".into())
         .spawn(move || {
@@ -112,9 +113,10 @@ fn run(args: RunArgs) -> ExitCode {
                 .enable_all()
                 .build()
             {
-                rt.block_on(shutdown_signal());
+                rt.block_on(signals(on_signal, on_second));
+            } else {
+                on_signal.cancel();
             }
-            on_signal.cancel();
         });
     if let Err(e) = signals {
         eprintln!("pgsplit: cannot start the signal handler: {e}");
@@ -126,6 +128,49 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("pgsplit: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// SIGINT or SIGTERM: a graceful shutdown (`graceful`): no new clients,
+/// transactions in flight may finish for `[timeouts] shutdown_grace`, idle
+/// clients get `FATAL 57P01`. SIGQUIT, or a second SIGINT/SIGTERM during
+/// that, closes at once (`now`).
+async fn signals(graceful: CancellationToken, now: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            shutdown_signal().await;
+            graceful.cancel();
+            return;
+        };
+        let quit_first = tokio::select! {
+            _ = term.recv() => false,
+            _ = int.recv() => false,
+            _ = quit.recv() => true,
+        };
+        graceful.cancel();
+        if quit_first {
+            now.cancel();
+            return;
+        }
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = quit.recv() => {}
+        }
+        now.cancel();
+    }
+    #[cfg(not(unix))]
+    {
+        shutdown_signal().await;
+        graceful.cancel();
+        let _ = tokio::signal::ctrl_c().await;
+        now.cancel();
     }
 }
 

@@ -141,3 +141,165 @@ fn lab_starts_serves_and_cleans_up_on_ctrl_c() {
         "lab directory {dir} removed"
     );
 }
+
+/// pgsplit itself (not `lab`) on a fresh lab, with a long grace period.
+struct Running {
+    child: std::process::Child,
+    port: u16,
+    lab: pgsplit_lab::Cluster,
+    psql: std::path::PathBuf,
+}
+
+fn run_on_lab() -> Running {
+    let lab = pgsplit_lab::Cluster::start(pgsplit_lab::LabOptions::default()).expect("lab starts");
+    let port = pgsplit_lab::ports::free_port().unwrap();
+    let url = |a: std::net::SocketAddr| format!("postgres://app:app@{a}/app");
+    let child = pgsplit()
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--primary", &url(lab.primary_addr())])
+        .args(["--replica", &url(lab.replica_addr())])
+        .args(["--set", "timeouts.shutdown_grace=30s"])
+        .env("PGSPLIT_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let psql = pgsplit_lab::PgBinaries::locate().unwrap().tool("psql");
+    let r = Running {
+        child,
+        port,
+        lab,
+        psql,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "pgsplit never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    r
+}
+
+impl Running {
+    /// psql through pgsplit, running `script` from its standard input.
+    fn psql(&self, script: &str) -> std::process::Child {
+        let mut c = Command::new(&self.psql)
+            .args([
+                "-X",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "app",
+                "-d",
+                "app",
+            ])
+            .args(["-p", &self.port.to_string()])
+            .env("PGPASSWORD", "app")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        c
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// Waits for pgsplit to exit, within `bound`; returns how long it took.
+    fn exits_within(&mut self, bound: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "{status}");
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < bound,
+                "pgsplit still running after {bound:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A transaction that is open for three seconds, then commits.
+const SLOW_BLOCK: &str = "CREATE TABLE IF NOT EXISTS sig (x int);\n\
+    BEGIN;\nINSERT INTO sig VALUES (1);\n\\! sleep 3\nCOMMIT;\n";
+
+#[test]
+fn sigterm_lets_the_transaction_in_flight_finish_and_refuses_new_clients() {
+    let mut p = run_on_lab();
+    let busy = p.psql(SLOW_BLOCK);
+    std::thread::sleep(Duration::from_millis(1000));
+    p.signal("-TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", p.port)).is_err(),
+        "new clients are refused once shutting down"
+    );
+    let out = busy.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the block in flight committed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It exits once that transaction is over, well inside the 30 s grace.
+    let took = p.exits_within(Duration::from_secs(10));
+    println!("exited {took:?} after the block ended");
+    assert_eq!(
+        p.lab
+            .psql(pgsplit_lab::Which::Primary, "SELECT count(*) FROM sig")
+            .unwrap(),
+        "1"
+    );
+}
+
+#[test]
+fn a_second_signal_or_sigquit_closes_at_once() {
+    for second in [Some("-TERM"), None] {
+        let mut p = run_on_lab();
+        let busy = p.psql(SLOW_BLOCK);
+        std::thread::sleep(Duration::from_millis(1000));
+        match second {
+            Some(sig) => {
+                p.signal("-TERM");
+                std::thread::sleep(Duration::from_millis(200));
+                p.signal(sig);
+            }
+            None => p.signal("-QUIT"),
+        }
+        let took = p.exits_within(Duration::from_secs(2));
+        println!("{second:?}: exited {took:?} after the last signal");
+        let out = busy.wait_with_output().unwrap();
+        assert!(!out.status.success(), "the block was cut off");
+        // Nothing of it committed.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            p.lab
+                .psql(pgsplit_lab::Which::Primary, "SELECT count(*) FROM sig")
+                .unwrap(),
+            "0"
+        );
+    }
+}

@@ -24,6 +24,7 @@ pub const CRASH_SHUTDOWN: &str = "57P02";
 pub const CANNOT_CONNECT_NOW: &str = "57P03";
 pub const INTERNAL_ERROR: &str = "XX000";
 pub const UNDEFINED_OBJECT: &str = "42704";
+pub const SYNTAX_ERROR: &str = "42601";
 pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 pub const INVALID_PARAMETER_VALUE: &str = "22023";
 pub const CANT_CHANGE_RUNTIME_PARAM: &str = "55P02";

@@ -97,6 +97,22 @@ impl CancelRegistry {
         Some((running, guard))
     }
 
+    /// The server connections sessions hold now: (the session's key pid,
+    /// backend number — 0 primary, 1 replica —, where it is).
+    pub fn held(&self) -> Vec<(i32, usize, Running)> {
+        let map = self.sessions.lock().expect("cancel registry poisoned");
+        let mut out = Vec::new();
+        for (pid, (_, slot)) in map.iter() {
+            let backends = slot.backends.lock().expect("cancel slot poisoned");
+            for (i, b) in backends.iter().enumerate() {
+                if let Some(r) = b {
+                    out.push((*pid, i, r.clone()));
+                }
+            }
+        }
+        out
+    }
+
     /// Number of sessions holding a key.
     pub fn len(&self) -> usize {
         self.sessions

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Why a configuration was refused; each message names the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +29,7 @@ pub enum ConfigError {
 }
 
 /// Everything the proxy needs to run.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address clients connect to (the app's `DATABASE_URL` points here).
@@ -85,7 +85,7 @@ impl Default for Config {
 }
 
 /// Where a backend server listens.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BackendAddr {
     pub host: String,
@@ -143,41 +143,41 @@ impl std::fmt::Display for BackendAddr {
 }
 
 /// Every wait the proxy does is bounded by one of these.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Timeouts {
     /// TCP connect plus authentication to a backend.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub connect_timeout: Duration,
     /// A client must finish its startup and authentication within this.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub client_auth_timeout: Duration,
     /// How long shutdown waits for sessions to reach a transaction boundary.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub shutdown_grace: Duration,
     /// A statement (or extended-protocol batch) running longer is
     /// cancelled by the proxy; 0 = off, as in PostgreSQL.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub statement_timeout: Duration,
     /// After a write's or COMMIT's deadline (or the loss of its
     /// connection) the proxy tries this long to learn whether it committed
     /// before answering 08007.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub commit_resolution_timeout: Duration,
     /// Which lost commits the proxy resolves through the transaction's id
     /// (see [`CommitResolution`]).
     pub commit_resolution: CommitResolution,
     /// A client idle inside a transaction block longer than this has its
     /// transaction rolled back and its session ended (FATAL 25P03); 0 = off.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub idle_in_transaction_timeout: Duration,
     /// A session's backend connection unused for this long is closed (and
     /// opened again when needed); 0 = never.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub server_idle_timeout: Duration,
     /// A backend connection older than this is replaced at its next idle
     /// moment; 0 = never.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub server_lifetime: Duration,
     /// Overrides for connections to the primary.
     pub primary: TargetTimeouts,
@@ -187,16 +187,28 @@ pub struct Timeouts {
 
 /// Per-target overrides of [`Timeouts`] (`[timeouts.primary]`,
 /// `[timeouts.replica]`); unset keys use the global value.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TargetTimeouts {
-    #[serde(deserialize_with = "some_duration")]
+    #[serde(
+        deserialize_with = "some_duration",
+        serialize_with = "show_some_duration"
+    )]
     pub connect_timeout: Option<Duration>,
-    #[serde(deserialize_with = "some_duration")]
+    #[serde(
+        deserialize_with = "some_duration",
+        serialize_with = "show_some_duration"
+    )]
     pub statement_timeout: Option<Duration>,
-    #[serde(deserialize_with = "some_duration")]
+    #[serde(
+        deserialize_with = "some_duration",
+        serialize_with = "show_some_duration"
+    )]
     pub server_idle_timeout: Option<Duration>,
-    #[serde(deserialize_with = "some_duration")]
+    #[serde(
+        deserialize_with = "some_duration",
+        serialize_with = "show_some_duration"
+    )]
     pub server_lifetime: Option<Duration>,
 }
 
@@ -247,7 +259,7 @@ impl Timeouts {
 }
 
 /// How server connections are shared between client sessions.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     /// A connection is leased for one cycle (an autocommit statement, a
@@ -260,7 +272,7 @@ pub enum PoolMode {
 }
 
 /// `[pool]`, with `[pool.primary]` / `[pool.replica]` overriding any key.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Pool {
     pub mode: PoolMode,
@@ -274,21 +286,24 @@ pub struct Pool {
     /// 0 for the local replica.
     pub min_idle: Option<usize>,
     /// How long a statement waits for a connection before 53300.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub checkout_timeout: Duration,
     pub primary: TargetPool,
     pub replica: TargetPool,
 }
 
 /// Per-target overrides of [`Pool`]; unset keys use the `[pool]` value.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TargetPool {
     pub mode: Option<PoolMode>,
     pub size: Option<usize>,
     pub max_server_connections: Option<usize>,
     pub min_idle: Option<usize>,
-    #[serde(deserialize_with = "some_duration")]
+    #[serde(
+        deserialize_with = "some_duration",
+        serialize_with = "show_some_duration"
+    )]
     pub checkout_timeout: Option<Duration>,
 }
 
@@ -340,7 +355,7 @@ impl Pool {
 }
 
 /// Routing policy knobs.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Routing {
     /// Extra functions that write (glob patterns, e.g. `"app.touch_*"`).
@@ -354,14 +369,14 @@ pub struct Routing {
     pub read_your_writes: ReadYourWrites,
     /// In `window` mode, how long after a write the session's reads stay
     /// on the primary.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub read_your_writes_window: Duration,
     /// Whose writes a read must see in `lsn` mode (see
     /// [`ReadYourWritesScope`]).
     pub read_your_writes_scope: ReadYourWritesScope,
     /// Reads avoid a replica lagging more than this (per session:
     /// `SET pgsplit.max_staleness`).
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub max_replica_lag: Duration,
     /// What a read does when the replica is past the bound, down or not
     /// replaying.
@@ -370,7 +385,7 @@ pub struct Routing {
     /// up to this long for the replica to catch up before it goes to the
     /// primary: worth it when the tunnel's round trip is longer than the
     /// usual replay delay. 0 = never wait.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub max_wait_for_replica: Duration,
 }
 
@@ -399,7 +414,7 @@ impl Default for Routing {
 /// trip, then COMMIT): one more round trip to the primary per autocommit
 /// write, which halves autocommit write throughput over a tunnel with
 /// latency. So the default resolves blocks only.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CommitResolution {
     /// Explicit blocks and autocommit writes.
@@ -412,7 +427,7 @@ pub enum CommitResolution {
 }
 
 /// When a session's reads follow its writes to the primary.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ReadYourWrites {
     /// Until the replica has replayed the WAL position of the session's
@@ -452,7 +467,7 @@ impl std::str::FromStr for ReadYourWrites {
 }
 
 /// Whose writes a read must see, in `lsn` mode.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ReadYourWritesScope {
     /// The session's own (the connection's): a new connection starts
@@ -467,7 +482,7 @@ pub enum ReadYourWritesScope {
 }
 
 /// What a read does when the replica is stale.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OnStale {
     /// Go to the primary; if it is unreachable, serve from the replica
@@ -481,11 +496,14 @@ pub enum OnStale {
 }
 
 /// The admin HTTP endpoint: `/metrics` and `/health`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Admin {
     /// Address to serve on; `"off"` disables it.
-    #[serde(deserialize_with = "optional_addr")]
+    #[serde(
+        deserialize_with = "optional_addr",
+        serialize_with = "show_optional_addr"
+    )]
     pub listen: Option<SocketAddr>,
 }
 
@@ -509,16 +527,16 @@ fn optional_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, 
 }
 
 /// The replication monitor.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Monitor {
     /// How often the WAL positions of both servers are polled.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub interval: Duration,
     /// The primary poll doubles as the heartbeat of the primary link: when
     /// it gets no answer within this, the link is down (a black-holed
     /// tunnel keeps TCP happy, so only an answer proves it alive).
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub heartbeat_timeout: Duration,
     /// Login for the monitor's connections; defaults to the first user's
     /// server credentials.
@@ -528,7 +546,7 @@ pub struct Monitor {
     pub database: String,
     /// With several primary candidates: how long a newly writable one must
     /// stay writable before writes move to it.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
     pub failover_grace: Duration,
 }
 
@@ -546,7 +564,7 @@ impl Default for Monitor {
 }
 
 /// How a client proves who it is.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 pub enum AuthMethod {
     #[default]
     #[serde(rename = "scram-sha-256")]
@@ -559,12 +577,12 @@ pub enum AuthMethod {
 
 /// A user clients log in as, and the credentials pgsplit uses for it on
 /// the backends.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     pub name: String,
     /// Plaintext, or a stored verifier (`SCRAM-SHA-256$…`, `md5…`).
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub password: Option<String>,
     #[serde(default)]
     pub auth: AuthMethod,
@@ -572,8 +590,11 @@ pub struct User {
     #[serde(default)]
     pub server_user: Option<String>,
     /// Backend password; defaults to `password` when that is plaintext.
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub server_password: Option<String>,
+    /// May use the console (the database `pgsplit`).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 impl std::fmt::Debug for User {
@@ -583,6 +604,7 @@ impl std::fmt::Debug for User {
             .field("name", &self.name)
             .field("auth", &self.auth)
             .field("server_user", &self.server_user)
+            .field("admin", &self.admin)
             .finish_non_exhaustive()
     }
 }
@@ -609,6 +631,37 @@ impl User {
                 self.password.as_deref()
             }
         })
+    }
+}
+
+/// A duration as it is written in the file (`5s`, `200ms`, `0`).
+pub fn format_duration(d: Duration) -> String {
+    if d.is_zero() {
+        "0".to_owned()
+    } else if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d.subsec_nanos() % 1_000_000 == 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}us", d.as_micros())
+    }
+}
+
+fn show_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+fn show_some_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => show_duration(d, s),
+        None => s.serialize_str("unset"),
+    }
+}
+
+fn show_optional_addr<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+    match a {
+        Some(a) => s.serialize_str(&a.to_string()),
+        None => s.serialize_str("off"),
     }
 }
 
@@ -754,7 +807,8 @@ impl Config {
     }
 
     /// Quick mode: the credentials in a backend URL are also what clients
-    /// must present, so an app changes only host and port.
+    /// must present, so an app changes only host and port. That user is
+    /// the one who runs the proxy, so it may use the console.
     fn add_url_user(&mut self, user: Option<String>, password: Option<String>) {
         let Some(name) = user else { return };
         if self.users.iter().any(|u| u.name == name) {
@@ -771,7 +825,50 @@ impl Config {
             auth,
             server_user: None,
             server_password: None,
+            admin: true,
         });
+    }
+
+    /// Every setting as `key = value` in file syntax (`timeouts.connect_timeout`,
+    /// `5s`), in key order, for `SHOW CONFIG`; users by name and role only,
+    /// never a secret.
+    pub fn settings(&self) -> Vec<(String, String)> {
+        fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        flatten(&key, v, out);
+                    }
+                }
+                toml::Value::String(s) => out.push((prefix.to_owned(), s.clone())),
+                other => out.push((prefix.to_owned(), other.to_string())),
+            }
+        }
+        let mut out = Vec::new();
+        let mut shown = self.clone();
+        shown.users.clear();
+        if let Ok(v) = toml::Value::try_from(&shown) {
+            flatten("", &v, &mut out);
+        }
+        let users: Vec<String> = self
+            .users
+            .iter()
+            .map(|u| {
+                if u.admin {
+                    format!("{} (admin)", u.name)
+                } else {
+                    u.name.clone()
+                }
+            })
+            .collect();
+        out.push(("users".into(), users.join(", ")));
+        out.sort();
+        out
     }
 
     /// Checks what serde cannot.

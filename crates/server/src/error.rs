@@ -124,6 +124,20 @@ pub enum Error {
         waited: std::time::Duration,
         size: usize,
     },
+    /// A login to the console by a user without `admin = true`.
+    #[error(
+        "permission denied: only admin users ([[users]] admin = true) may use the pgsplit console"
+    )]
+    NotAdmin,
+    /// A console command that does not exist.
+    #[error("unknown console command: {0}")]
+    ConsoleUnknown(String),
+    /// `KILL_CLIENT` of a client that is not connected.
+    #[error("no client with id {0}")]
+    NoSuchClient(String),
+    /// Ended from the console (`KILL_CLIENT`).
+    #[error("terminating connection due to administrator command (KILL_CLIENT from the pgsplit console)")]
+    Killed,
     /// `on_stale = "error"` and the replica is past the session's bound.
     #[error("read refused: {0} (max staleness {1:?})")]
     StaleReplica(Stale, std::time::Duration),
@@ -200,6 +214,10 @@ impl Error {
             Error::InvalidVariable { .. } => (Severity::Error, INVALID_PARAMETER_VALUE),
             Error::ReadOnlyVariable(_) => (Severity::Error, CANT_CHANGE_RUNTIME_PARAM),
             Error::StaleReplica(..) => (Severity::Error, OBJECT_NOT_IN_PREREQUISITE_STATE),
+            Error::NotAdmin => (Severity::Fatal, INVALID_AUTHORIZATION_SPECIFICATION),
+            Error::ConsoleUnknown(_) => (Severity::Error, SYNTAX_ERROR),
+            Error::NoSuchClient(_) => (Severity::Error, UNDEFINED_OBJECT),
+            Error::Killed => (Severity::Fatal, ADMIN_SHUTDOWN),
         }
     }
 
@@ -212,6 +230,10 @@ impl Error {
             Error::InvalidVariable { expected, .. } => Some(format!("expected {expected}")),
             Error::SettingNotApplied { message, .. } => Some(format!(
                 "the server said: {message}; RESET the setting, or retry once the server has what it names"
+            )),
+            Error::ConsoleUnknown(_) => Some(format!(
+                "the console knows: {}",
+                crate::console::COMMANDS.join(", ")
             )),
             Error::StaleReplica(..) => Some(
                 "SET pgsplit.max_staleness to accept older data, or send the read to the \

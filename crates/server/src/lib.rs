@@ -22,7 +22,9 @@ mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cancel;
+pub mod clients;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod failover;
 pub mod fdlimit;
@@ -59,6 +61,11 @@ pub struct Shared {
     pub pools: pool::Pools,
     /// The primary candidates and which of them takes writes now.
     pub failover: failover::Candidates,
+    /// The connected clients (the console's `SHOW CLIENTS`, `KILL_CLIENT`).
+    pub clients: Arc<clients::Clients>,
+    /// Cancelled to end a graceful shutdown at once (SIGQUIT, or a second
+    /// signal): the grace period is cut short and every session closed.
+    pub immediate: CancellationToken,
 }
 
 impl Shared {
@@ -102,6 +109,8 @@ impl Shared {
             replication,
             pools: pool::Pools::new(&config),
             failover: failover::Candidates::new(candidates),
+            clients: Arc::default(),
+            immediate: CancellationToken::new(),
             config,
         }
     }
@@ -255,11 +264,24 @@ fn run_worker(
         listener::worker_loop(inbox, shared.clone(), shutdown.clone(), tracker.clone()).await;
         tracker.close();
         let grace = shared.config.timeouts.shutdown_grace;
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        if !tracker.is_empty() {
             info!(
-                remaining = tracker.len(),
-                "shutdown grace period over; closing sessions"
+                sessions = tracker.len(),
+                ?grace,
+                "waiting for transactions in flight; a second signal (or SIGQUIT) closes at once"
             );
+        }
+        tokio::select! {
+            r = tokio::time::timeout(grace, tracker.wait()) => if r.is_err() {
+                info!(
+                    remaining = tracker.len(),
+                    "shutdown grace period over; closing sessions"
+                );
+            },
+            () = shared.immediate.cancelled() => info!(
+                remaining = tracker.len(),
+                "closing at once"
+            ),
         }
         Ok(())
     })

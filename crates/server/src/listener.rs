@@ -95,10 +95,11 @@ pub(crate) async fn worker_loop(
         let token = shutdown.clone();
         let span = info_span!("client", conn_id = acc.conn_id, peer = %acc.peer);
         let permit = acc.permit;
+        let (peer, id) = (acc.peer, acc.conn_id);
         tracker.spawn(async move {
             let full = permit.is_none();
             let _open = Connected::count(&shared);
-            handle(stream, shared.clone(), token, full, span).await;
+            handle(stream, shared.clone(), token, full, span, (peer, id)).await;
             drop(permit);
         });
     }
@@ -137,6 +138,7 @@ async fn handle(
     shutdown: CancellationToken,
     full: bool,
     span: tracing::Span,
+    (peer, id): (std::net::SocketAddr, u64),
 ) {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let auth_timeout = shared.config.timeouts.client_auth_timeout;
@@ -174,8 +176,36 @@ async fn handle(
         .stats
         .clients_accepted
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (startup, user, (first, pools)) = ready;
+    let (startup, user, first) = ready;
     let cancel = shared.cancels.register();
+    let database = startup.database().unwrap_or_default().to_owned();
+    let entry = shared.clients.register(crate::clients::ClientInfo {
+        id,
+        user: user.name.clone(),
+        database: database.clone(),
+        peer,
+        connected_at: std::time::SystemTime::now(),
+        application_name: startup
+            .param("application_name")
+            .unwrap_or_default()
+            .to_owned(),
+        console: first.is_none(),
+        key_pid: cancel.pid,
+    });
+    let Some((first, pools)) = first else {
+        span.in_scope(|| info!(user = %user.name, "console session started"));
+        crate::console::run(
+            stream,
+            buf,
+            shared.clone(),
+            &user.name,
+            (cancel.pid, cancel.secret),
+            entry.kill.clone(),
+            shutdown,
+        )
+        .await;
+        return;
+    };
     let mut out = BytesMut::new();
     encode::auth_ok(&mut out);
     for (k, v) in first.server_params() {
@@ -192,7 +222,6 @@ async fn handle(
     if stream.write_all(&out).await.is_err() {
         return;
     }
-    let database = startup.database().unwrap_or_default().to_owned();
     span.in_scope(|| info!(user = %user.name, db = %database, "session started"));
     let session = Session::new(
         shared,
@@ -205,18 +234,22 @@ async fn handle(
         pools,
         cancel,
         shutdown,
+        entry.kill.clone(),
     );
     let res = session.run().await;
+    drop(entry);
     span.in_scope(|| match res {
         Ok(()) => debug!("session ended"),
         Err(e) => debug!(cause = %e, "session ended"),
     });
 }
 
+/// A logged-in client: its startup packet, its user and, for a proxied
+/// session, its first backend and pools (`None`: the console).
 type Ready = (
     Startup,
     crate::config::User,
-    (Box<crate::session::Backend>, [crate::pool::PoolId; 2]),
+    Option<(Box<crate::session::Backend>, [crate::pool::PoolId; 2])>,
 );
 
 /// Reads the startup packet(s) and authenticates. `Ok(None)` when the
@@ -279,8 +312,14 @@ async fn startup(
             user: user_name.clone(),
         })?;
     let database = startup.database().unwrap_or_default();
+    if database == crate::console::DATABASE {
+        if !user.admin {
+            return Err(Error::NotAdmin);
+        }
+        return Ok(Some((startup, user, None)));
+    }
     let first = crate::session::first_backend(shared, &user, database, &startup.params).await?;
-    Ok(Some((startup, user, first)))
+    Ok(Some((startup, user, Some(first))))
 }
 
 /// Forwards a client's CancelRequest to the backend running its statement.

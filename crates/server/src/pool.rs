@@ -8,7 +8,7 @@
 //! `max_connections` between them.
 //!
 //! What is pooled is the session's whole per-connection state
-//! ([`Backend`]: the connection, its read buffer and bookkeeping queues),
+//! (`session::Backend`: the connection, its read buffer and bookkeeping queues),
 //! so a lease allocates nothing. Idle connections also carry a fingerprint
 //! of the session settings applied on them: a session whose settings match
 //! takes such a connection as it is, any other resets it first (see
@@ -444,6 +444,26 @@ impl TargetPools {
                 idle: p.idle.len(),
                 leased: p.open - p.idle.len(),
                 waiting: p.waiting,
+            })
+            .collect()
+    }
+
+    /// The idle connections of every pool: (user, database, where, server
+    /// pid), for the console's `SHOW SERVERS`.
+    pub fn idle_servers(&self) -> Vec<(String, String, crate::stream::Endpoint, i32)> {
+        let s = self.lock();
+        s.pools
+            .iter()
+            .flat_map(|p| {
+                p.idle.iter().map(|i| {
+                    let r = i.backend.running();
+                    (
+                        p.key.user.clone(),
+                        p.key.database.clone(),
+                        r.endpoint,
+                        r.pid,
+                    )
+                })
             })
             .collect()
     }

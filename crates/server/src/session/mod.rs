@@ -229,6 +229,8 @@ pub(crate) struct Session {
     /// again costs nothing, where a fresh `cancelled()` per wait would
     /// register and unregister a waiter every time.
     shutdown: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    /// Fires when the console ends this client (`KILL_CLIENT`).
+    kill: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     /// The session's timer, for the earliest of its deadlines. Reset only
     /// when a deadline is earlier than where it stands: a deadline that
     /// moves later (every statement's does) leaves it, and when it goes off
@@ -285,6 +287,7 @@ impl Session {
         pools: [crate::pool::PoolId; 2],
         cancel: CancelHandle,
         shutdown: CancellationToken,
+        kill: CancellationToken,
     ) -> Session {
         let mut backends = [None, None];
         let t = first.conn.target;
@@ -346,6 +349,7 @@ impl Session {
             replica_retry_at: None,
             resolution: None,
             shutdown: Box::pin(shutdown.cancelled_owned()),
+            kill: Box::pin(kill.cancelled_owned()),
             alarm: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
             alarm_at: None,
         }
@@ -453,6 +457,7 @@ impl Session {
                 cbuf,
                 backends,
                 shutdown,
+                kill,
                 link,
                 alarm,
                 ..
@@ -464,6 +469,7 @@ impl Session {
                 Alarm,
                 Link,
                 Shutdown,
+                Killed,
             }
             let ev = tokio::select! {
                 biased;
@@ -473,6 +479,7 @@ impl Session {
                 _ = alarm.as_mut(), if armed => Ev::Alarm,
                 _ = link.changed(), if busy[0] => Ev::Link,
                 _ = shutdown.as_mut(), if idle => Ev::Shutdown,
+                _ = kill.as_mut() => Ev::Killed,
             };
             match ev {
                 Ev::Client(Ok(0)) => return Err(Error::ClientGone),
@@ -499,6 +506,7 @@ impl Session {
                 Ev::Backend(t, Ok(n)) if n > 0 => self.on_backend_data(t)?,
                 Ev::Backend(t, _) => self.backend_lost(t)?,
                 Ev::Shutdown => return Err(Error::ShuttingDown),
+                Ev::Killed => return Err(Error::Killed),
             }
         }
     }

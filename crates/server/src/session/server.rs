@@ -125,7 +125,7 @@ impl Backend {
         &self.conn.params
     }
 
-    pub(super) fn running(&self) -> Running {
+    pub(crate) fn running(&self) -> Running {
         Running {
             endpoint: self.conn.endpoint.clone(),
             pid: self.conn.pid,
