@@ -74,6 +74,28 @@ pub async fn port_of(c: &Client, sql: &str) -> i32 {
     panic!("no row from {sql}");
 }
 
+/// psql through pgsplit: `-XAt -c sql` with libpq connection options
+/// `conn` (port, user `app`, timeouts preset); whether it succeeded, and
+/// its output and errors together.
+pub fn psql_through(stack: &Stack, conn: &str, sql: &str) -> (bool, String) {
+    let out = tokio::task::block_in_place(|| {
+        pg_tool("psql")
+            .args(["-X", "-A", "-t", "-c", sql])
+            .arg(format!(
+                "port={} user=app password=app connect_timeout=5 {conn}",
+                stack.proxy_addr().port()
+            ))
+            .output()
+            .expect("psql runs")
+    });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// The rows of a simple query's answer, as text (NULL as "").
 pub fn text_rows(msgs: Vec<tokio_postgres::SimpleQueryMessage>) -> Vec<Vec<String>> {
     msgs.into_iter()

@@ -34,24 +34,7 @@ fn console_conn(s: &Stack, user: &str, password: &str) -> String {
 
 /// psql against the console: `-At`, one command.
 fn psql_console(s: &Stack, sql: &str) -> (bool, String) {
-    let a = s.proxy_addr();
-    let out = tokio::task::block_in_place(|| {
-        pg_tool("psql")
-            .args(["-X", "-A", "-t", "-h"])
-            .arg(a.ip().to_string())
-            .arg("-p")
-            .arg(a.port().to_string())
-            .args(["-U", "app", "-d", "pgsplit", "-c", sql])
-            .env("PGPASSWORD", "app")
-            .output()
-            .expect("psql runs")
-    });
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    psql_through(s, "host=127.0.0.1 dbname=pgsplit", sql)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,5 +25,6 @@ mod routing;
 mod session;
 mod soak;
 mod timeouts;
+mod tls;
 mod tools;
 mod transparency;

@@ -66,6 +66,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_target(false)
+        // Colours on a terminal only: a log file or journal gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     match cli.command {
         Some(Command::Lab { listen }) => lab(listen),
@@ -99,7 +101,7 @@ fn run(args: RunArgs) -> ExitCode {
     let server = match pgsplit_server::Server::bind(config) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("pgsplit: cannot listen on {listen}: {e}");
+            eprintln!("pgsplit: cannot start on {listen}: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -152,31 +152,56 @@ struct Running {
 
 fn run_on_lab() -> Running {
     let lab = pgsplit_lab::Cluster::start(pgsplit_lab::LabOptions::default()).expect("lab starts");
-    let port = pgsplit_lab::ports::free_port().unwrap();
     let url = |a: std::net::SocketAddr| format!("postgres://app:app@{a}/app");
-    let child = pgsplit()
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+    // Port 0: the address is read from the log, so no port can be taken
+    // between picking it and binding it.
+    let mut child = pgsplit()
+        .args(["--listen", "127.0.0.1:0"])
         .args(["--primary", &url(lab.primary_addr())])
         .args(["--replica", &url(lab.replica_addr())])
-        .args(["--set", "timeouts.shutdown_grace=30s"])
-        .env("PGSPLIT_LOG", "warn")
-        .stdout(Stdio::null())
+        .args([
+            "--set",
+            "timeouts.shutdown_grace=30s",
+            "--set",
+            "admin.listen=off",
+        ])
+        .env("PGSPLIT_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let log = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(log).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let port = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            panic!("pgsplit never said where it listens; its log: {seen:?}");
+        };
+        if line.contains("pgsplit listening") {
+            let addr = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .expect("addr= in the line");
+            break addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+        }
+        seen.push(line);
+    };
+    // The log goes on draining in its thread.
     let psql = pgsplit_lab::PgBinaries::locate().unwrap().tool("psql");
-    let r = Running {
+    Running {
         child,
         port,
         lab,
         psql,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "pgsplit never listened");
-        std::thread::sleep(Duration::from_millis(50));
     }
-    r
 }
 
 impl Running {

@@ -132,7 +132,9 @@ fn md5_stored(u: &User) -> Option<String> {
 }
 
 async fn send<S: tokio::io::AsyncWrite + Unpin>(s: &mut S, b: &[u8]) -> Result<(), Error> {
-    s.write_all(b).await.map_err(Error::ClientIo)
+    s.write_all(b).await.map_err(Error::ClientIo)?;
+    // TLS holds what it encrypted until flushed; TCP's flush is free.
+    s.flush().await.map_err(Error::ClientIo)
 }
 
 /// Reads the client's next message, which must be a password/SASL response.

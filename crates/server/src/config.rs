@@ -53,6 +53,8 @@ pub struct Config {
     pub routing: Routing,
     pub monitor: Monitor,
     pub admin: Admin,
+    /// TLS for clients (`[tls]`).
+    pub tls: Tls,
     /// Users clients may log in as.
     pub users: Vec<User>,
 }
@@ -79,6 +81,7 @@ impl Default for Config {
             routing: Routing::default(),
             monitor: Monitor::default(),
             admin: Admin::default(),
+            tls: Tls::default(),
             users: Vec::new(),
         }
     }
@@ -495,6 +498,38 @@ pub enum OnStale {
     Error,
 }
 
+/// Whether clients may, or must, use TLS.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// SSLRequest is answered `N`.
+    Disable,
+    /// TLS when the client asks (the default once a certificate is set).
+    Allow,
+    /// A client that logs in without TLS gets `FATAL 28000`.
+    Require,
+}
+
+/// Client-facing TLS (`[tls]`): a PEM certificate chain and key.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+    /// Default: `allow` when `cert` is set, else `disable`.
+    pub mode: Option<TlsMode>,
+}
+
+impl Tls {
+    pub fn effective_mode(&self) -> TlsMode {
+        self.mode.unwrap_or(if self.cert.is_some() {
+            TlsMode::Allow
+        } else {
+            TlsMode::Disable
+        })
+    }
+}
+
 /// The admin HTTP endpoint: `/metrics` and `/health`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -880,6 +915,15 @@ impl Config {
             key: key.to_owned(),
             reason: reason.to_owned(),
         };
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(invalid("tls", "cert and key go together"));
+        }
+        if self.tls.effective_mode() != TlsMode::Disable && self.tls.cert.is_none() {
+            return Err(invalid(
+                "tls.mode",
+                "allow and require need tls.cert and tls.key",
+            ));
+        }
         if !self.replica.hosts.is_empty() {
             return Err(invalid(
                 "replica.hosts",

@@ -16,7 +16,6 @@ use bytes::BytesMut;
 use pgsplit_protocol::backend::TxStatus;
 use pgsplit_protocol::{encode, frame, frontend, tag};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{target_name, Error};
@@ -416,7 +415,7 @@ fn utc(t: SystemTime) -> String {
 /// Runs a console connection after its login until the client leaves,
 /// the console kills it, or the proxy shuts down.
 pub(crate) async fn run(
-    mut stream: TcpStream,
+    mut stream: crate::tls::ClientStream,
     mut buf: BytesMut,
     shared: Arc<Shared>,
     user: &str,
@@ -448,7 +447,7 @@ pub(crate) async fn run(
     let mut skipping = false;
     loop {
         if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
+            if send(&mut stream, &out).await.is_err() {
                 return;
             }
             out.clear();
@@ -460,12 +459,12 @@ pub(crate) async fn run(
                     r = stream.read_buf(&mut buf) => r,
                     () = kill.cancelled() => {
                         Error::Killed.write_to(&mut out, true);
-                        let _ = stream.write_all(&out).await;
+                        let _ = send(&mut stream, &out).await;
                         return;
                     }
                     () = shutdown.cancelled() => {
                         Error::ShuttingDown.write_to(&mut out, true);
-                        let _ = stream.write_all(&out).await;
+                        let _ = send(&mut stream, &out).await;
                         return;
                     }
                 };
@@ -476,7 +475,7 @@ pub(crate) async fn run(
             }
             Err(e) => {
                 Error::Protocol(e).write_to(&mut out, true);
-                let _ = stream.write_all(&out).await;
+                let _ = send(&mut stream, &out).await;
                 return;
             }
         };
@@ -503,6 +502,11 @@ pub(crate) async fn run(
             }
         }
     }
+}
+
+async fn send(stream: &mut crate::tls::ClientStream, out: &[u8]) -> std::io::Result<()> {
+    stream.write_all(out).await?;
+    stream.flush().await
 }
 
 /// Answers every `;`-separated command of one Query message; the first

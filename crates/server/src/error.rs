@@ -124,6 +124,11 @@ pub enum Error {
         waited: std::time::Duration,
         size: usize,
     },
+    /// `[tls] mode = "require"` and the client did not ask for TLS.
+    #[error(
+        "TLS required: pgsplit accepts only encrypted connections (connect with sslmode=require)"
+    )]
+    TlsRequired,
     /// A login to the console by a user without `admin = true`.
     #[error(
         "permission denied: only admin users ([[users]] admin = true) may use the pgsplit console"
@@ -214,7 +219,9 @@ impl Error {
             Error::InvalidVariable { .. } => (Severity::Error, INVALID_PARAMETER_VALUE),
             Error::ReadOnlyVariable(_) => (Severity::Error, CANT_CHANGE_RUNTIME_PARAM),
             Error::StaleReplica(..) => (Severity::Error, OBJECT_NOT_IN_PREREQUISITE_STATE),
-            Error::NotAdmin => (Severity::Fatal, INVALID_AUTHORIZATION_SPECIFICATION),
+            Error::NotAdmin | Error::TlsRequired => {
+                (Severity::Fatal, INVALID_AUTHORIZATION_SPECIFICATION)
+            }
             Error::ConsoleUnknown(_) => (Severity::Error, SYNTAX_ERROR),
             Error::NoSuchClient(_) => (Severity::Error, UNDEFINED_OBJECT),
             Error::Killed => (Severity::Fatal, ADMIN_SHUTDOWN),

@@ -35,6 +35,7 @@ pub mod replication;
 mod session;
 pub mod stats;
 pub mod stream;
+pub mod tls;
 mod unix;
 
 use std::net::SocketAddr;
@@ -63,6 +64,9 @@ pub struct Shared {
     pub failover: failover::Candidates,
     /// The connected clients (the console's `SHOW CLIENTS`, `KILL_CLIENT`).
     pub clients: Arc<clients::Clients>,
+    /// Client-facing TLS, when `[tls]` configures it (set by
+    /// [`Server::bind`], which fails on unreadable certificates).
+    pub tls: Option<tls::ClientTls>,
     /// Cancelled to end a graceful shutdown at once (SIGQUIT, or a second
     /// signal): the grace period is cut short and every session closed.
     pub immediate: CancellationToken,
@@ -111,6 +115,7 @@ impl Shared {
             failover: failover::Candidates::new(candidates),
             clients: Arc::default(),
             immediate: CancellationToken::new(),
+            tls: None,
             config,
         }
     }
@@ -141,10 +146,13 @@ impl Server {
             }
             None => None,
         };
+        let mut shared = Shared::new(Arc::new(config));
+        shared.tls = tls::client_tls(&shared.config)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         Ok(Server {
             listener,
             admin,
-            shared: Arc::new(Shared::new(Arc::new(config))),
+            shared: Arc::new(shared),
         })
     }
 

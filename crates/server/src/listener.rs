@@ -12,6 +12,8 @@ use pgsplit_protocol::startup::{decode_startup, Startup, StartupPacket};
 use pgsplit_protocol::{encode, ProtoError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::tls::ClientStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -133,7 +135,7 @@ impl Drop for Connected {
 /// span entered on every poll costs more than the relay itself); its
 /// events are rare and carry the connection's id.
 async fn handle(
-    mut stream: TcpStream,
+    tcp: TcpStream,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     full: bool,
@@ -141,6 +143,7 @@ async fn handle(
     (peer, id): (std::net::SocketAddr, u64),
 ) {
     let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut stream = ClientStream::Plain(tcp);
     let auth_timeout = shared.config.timeouts.client_auth_timeout;
     let started = tokio::time::timeout(
         auth_timeout,
@@ -159,7 +162,7 @@ async fn handle(
             if !matches!(e, Error::ClientGone | Error::ClientIo(_)) {
                 let mut out = BytesMut::new();
                 e.write_to(&mut out, true);
-                let _ = stream.write_all(&out).await;
+                let _ = send(&mut stream, &out).await;
             }
             return;
         }
@@ -167,8 +170,9 @@ async fn handle(
             let mut out = BytesMut::new();
             Error::AuthTimeout.write_to(&mut out, true);
             // Bounded: a client that does not read must not hold the task.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(&out))
-                .await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), send(&mut stream, &out))
+                    .await;
             return;
         }
     };
@@ -219,7 +223,7 @@ async fn handle(
     }
     encode::backend_key_data(&mut out, cancel.pid, cancel.secret);
     encode::ready_for_query(&mut out, TxStatus::Idle);
-    if stream.write_all(&out).await.is_err() {
+    if send(&mut stream, &out).await.is_err() {
         return;
     }
     span.in_scope(|| info!(user = %user.name, db = %database, "session started"));
@@ -255,7 +259,7 @@ type Ready = (
 /// Reads the startup packet(s) and authenticates. `Ok(None)` when the
 /// connection was only a cancel request.
 async fn startup(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     buf: &mut BytesMut,
     shared: &Shared,
     full: bool,
@@ -279,7 +283,12 @@ async fn startup(
                     }
                     .into());
                 }
-                stream.write_all(b"N").await.map_err(Error::ClientIo)?;
+                match (&packet, &shared.tls) {
+                    (StartupPacket::SslRequest, Some(tls)) if !stream.is_tls() => {
+                        stream.upgrade(tls).await.map_err(Error::ClientIo)?;
+                    }
+                    _ => send(stream, b"N").await.map_err(Error::ClientIo)?,
+                }
             }
             StartupPacket::Cancel { pid, secret } => {
                 forward_cancel(shared, pid, secret).await;
@@ -288,13 +297,21 @@ async fn startup(
             StartupPacket::Startup(s) => break s,
         }
     };
+    if shared
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.mode == crate::config::TlsMode::Require)
+        && !stream.is_tls()
+    {
+        return Err(Error::TlsRequired);
+    }
     if full {
         return Err(Error::TooManyClients);
     }
     if startup.minor > 0 || !startup.protocol_options.is_empty() {
         let mut out = BytesMut::new();
         encode::negotiate_protocol_version(&mut out, 0, &startup.protocol_options);
-        stream.write_all(&out).await.map_err(Error::ClientIo)?;
+        send(stream, &out).await.map_err(Error::ClientIo)?;
     }
     if startup
         .param("replication")
@@ -320,6 +337,12 @@ async fn startup(
     }
     let first = crate::session::first_backend(shared, &user, database, &startup.params).await?;
     Ok(Some((startup, user, Some(first))))
+}
+
+/// Writes `bytes` to the client and pushes them out (TLS buffers).
+async fn send(stream: &mut ClientStream, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
 }
 
 /// Forwards a client's CancelRequest to the backend running its statement.

@@ -57,7 +57,6 @@ use pgsplit_protocol::Frame;
 use pgsplit_router::route::Reason;
 use pgsplit_router::{Class, Stage, StmtKind, Target};
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::cancel::CancelHandle;
@@ -150,7 +149,7 @@ struct BlockState {
 /// A client's session after a successful handshake.
 pub(crate) struct Session {
     shared: Arc<Shared>,
-    client: TcpStream,
+    client: crate::tls::ClientStream,
     cbuf: BytesMut,
     /// The whole messages last split off `cbuf`, of which the client's
     /// frames are slices: consecutive ones are forwarded as one slice.
@@ -278,7 +277,7 @@ impl Session {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         shared: Arc<Shared>,
-        client: TcpStream,
+        client: crate::tls::ClientStream,
         cbuf: BytesMut,
         user: User,
         database: String,

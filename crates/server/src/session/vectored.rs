@@ -86,19 +86,21 @@ pub(super) async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     if let [one] = chunks {
         // A plain `send`, cheaper in the kernel than `writev`.
-        return s.write_all(one).await;
-    }
-    let mut todo = Chunks::new(chunks);
-    while !todo.is_done() {
-        let mut slices = slice_array();
-        let n = todo.slices(&mut slices);
-        let written = s.write_vectored(&slices[..n]).await?;
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+        s.write_all(one).await?;
+    } else {
+        let mut todo = Chunks::new(chunks);
+        while !todo.is_done() {
+            let mut slices = slice_array();
+            let n = todo.slices(&mut slices);
+            let written = s.write_vectored(&slices[..n]).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            todo.advance(written);
         }
-        todo.advance(written);
     }
-    Ok(())
+    // TLS holds what it encrypted until flushed; for TCP this is free.
+    s.flush().await
 }
 
 #[cfg(test)]
