@@ -172,6 +172,14 @@ fn run_on_lab() -> Running {
         .spawn()
         .unwrap();
     let log = child.stdout.take().unwrap();
+    let psql = pgsplit_lab::PgBinaries::locate().unwrap().tool("psql");
+    // Owned (and so killed on drop) before anything here can panic.
+    let mut r = Running {
+        child,
+        port: 0,
+        lab,
+        psql,
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(log).lines().map_while(Result::ok) {
@@ -180,7 +188,7 @@ fn run_on_lab() -> Running {
     });
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = Vec::new();
-    let port = loop {
+    r.port = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let Ok(line) = rx.recv_timeout(left) else {
             panic!("pgsplit never said where it listens; its log: {seen:?}");
@@ -195,13 +203,7 @@ fn run_on_lab() -> Running {
         seen.push(line);
     };
     // The log goes on draining in its thread.
-    let psql = pgsplit_lab::PgBinaries::locate().unwrap().tool("psql");
-    Running {
-        child,
-        port,
-        lab,
-        psql,
-    }
+    r
 }
 
 impl Running {
