@@ -89,8 +89,8 @@ async fn psql_reads_the_console_and_only_admins_get_in() {
         "{servers:?}"
     );
     app.batch_execute("COMMIT").await.unwrap();
-    let e = admin.simple_query("RELOAD").await.unwrap_err();
-    assert_eq!(code(&e), "0A000");
+    let e = admin.simple_query("RESUME").await.unwrap_err();
+    assert_eq!(code(&e), "55000", "RESUME without PAUSE");
     // The extended protocol is refused, up to its Sync.
     let e = admin.query("SHOW VERSION", &[]).await.unwrap_err();
     assert_eq!(code(&e), "0A000");

@@ -20,6 +20,7 @@ mod hostile;
 mod pipeline;
 mod pooling;
 mod protocol;
+mod reload;
 mod resolution;
 mod routing;
 mod session;

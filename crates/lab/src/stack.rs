@@ -78,6 +78,12 @@ impl Stack {
     /// # Errors
     /// `LabError::Config` when the overrides are invalid.
     pub fn proxy_config(&self, extra: &[String]) -> Result<Config, LabError> {
+        let overrides = self.overrides(extra);
+        Config::from_toml(&self.opts.toml, &overrides).map_err(|e| LabError::Config(e.to_string()))
+    }
+
+    /// The command-line settings this stack gives the proxy.
+    fn overrides(&self, extra: &[String]) -> Overrides {
         let o = &self.opts.lab;
         // Many labs run at once (tests): the admin endpoint takes a free port.
         let mut set = vec!["admin.listen=127.0.0.1:0".to_owned()];
@@ -107,7 +113,7 @@ impl Stack {
             let dir = self.cluster.server(crate::Which::Replica).socket_dir();
             set_socket(&mut overrides.set, dir, self.cluster.replica_addr().port());
         }
-        Config::from_toml(&self.opts.toml, &overrides).map_err(|e| LabError::Config(e.to_string()))
+        overrides
     }
 
     /// Replaces the running proxy with one using `extra` overrides.
@@ -121,8 +127,29 @@ impl Stack {
             context: "starting pgsplit".into(),
             source,
         })?;
+        // The TOML text goes to a file the proxy reloads from (SIGHUP,
+        // RELOAD), with the same overrides it was started with.
+        let file = self.config_file();
+        std::fs::write(&file, &self.opts.toml).map_err(|source| LabError::Io {
+            context: format!("writing {}", file.display()),
+            source,
+        })?;
+        let overrides = self.overrides(extra);
+        proxy
+            .shared()
+            .live
+            .set_source(pgsplit_server::reload::Source {
+                path: Some(file),
+                overrides,
+            });
         self.proxy = Some(proxy);
         Ok(())
+    }
+
+    /// The file the proxy's configuration is reloaded from: the stack's
+    /// TOML text, which a test may rewrite before a reload.
+    pub fn config_file(&self) -> std::path::PathBuf {
+        self.cluster.dir().join("proxy.toml")
     }
 
     pub fn proxy(&self) -> &RunningProxy {

@@ -82,6 +82,10 @@ fn run(args: RunArgs) -> ExitCode {
         replica_url: args.replica,
         set: args.set,
     };
+    let source = pgsplit_server::reload::Source {
+        path: args.config.clone(),
+        overrides: overrides.clone(),
+    };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,
         Err(e) => {
@@ -105,9 +109,11 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    server.shared().live.set_source(source);
     let token = CancellationToken::new();
     let now = server.shared().immediate.clone();
     let (on_signal, on_second) = (token.clone(), now.clone());
+    let shared = server.shared().clone();
     let signals = std::thread::Builder::new()
         .name("pgsplit-signals".into())
         .spawn(move || {
@@ -115,7 +121,7 @@ fn run(args: RunArgs) -> ExitCode {
                 .enable_all()
                 .build()
             {
-                rt.block_on(signals(on_signal, on_second));
+                rt.block_on(signals(on_signal, on_second, shared));
             } else {
                 on_signal.cancel();
             }
@@ -136,24 +142,33 @@ fn run(args: RunArgs) -> ExitCode {
 /// SIGINT or SIGTERM: a graceful shutdown (`graceful`): no new clients,
 /// transactions in flight may finish for `[timeouts] shutdown_grace`, idle
 /// clients get `FATAL 57P01`. SIGQUIT, or a second SIGINT/SIGTERM during
-/// that, closes at once (`now`).
-async fn signals(graceful: CancellationToken, now: CancellationToken) {
+/// that, closes at once (`now`). SIGHUP reloads the configuration.
+async fn signals(
+    graceful: CancellationToken,
+    now: CancellationToken,
+    shared: std::sync::Arc<pgsplit_server::Shared>,
+) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut quit), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::quit()),
+            signal(SignalKind::hangup()),
         ) else {
             shutdown_signal().await;
             graceful.cancel();
             return;
         };
-        let quit_first = tokio::select! {
-            _ = term.recv() => false,
-            _ = int.recv() => false,
-            _ = quit.recv() => true,
+        let quit_first = loop {
+            tokio::select! {
+                _ = term.recv() => break false,
+                _ = int.recv() => break false,
+                _ = quit.recv() => break true,
+                // Logged (and counted) by the reload itself.
+                _ = hup.recv() => { let _ = shared.reload(); }
+            }
         };
         graceful.cancel();
         if quit_first {
@@ -169,6 +184,7 @@ async fn signals(graceful: CancellationToken, now: CancellationToken) {
     }
     #[cfg(not(unix))]
     {
+        let _ = shared;
         shutdown_signal().await;
         graceful.cancel();
         let _ = tokio::signal::ctrl_c().await;

@@ -151,6 +151,10 @@ struct Running {
 }
 
 fn run_on_lab() -> Running {
+    run_on_lab_with(&[])
+}
+
+fn run_on_lab_with(extra: &[&str]) -> Running {
     let lab = pgsplit_lab::Cluster::start(pgsplit_lab::LabOptions::default()).expect("lab starts");
     let url = |a: std::net::SocketAddr| format!("postgres://app:app@{a}/app");
     // Port 0: the address is read from the log, so no port can be taken
@@ -165,6 +169,7 @@ fn run_on_lab() -> Running {
             "--set",
             "admin.listen=off",
         ])
+        .args(extra)
         .env("PGSPLIT_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
@@ -235,6 +240,21 @@ impl Running {
             .write_all(script.as_bytes())
             .unwrap();
         c
+    }
+
+    /// One console command through psql (`-At`): its output, or the error.
+    fn console(&self, sql: &str) -> Result<String, String> {
+        let out = Command::new(&self.psql)
+            .args(["-X", "-At", "-h", "127.0.0.1", "-U", "app", "-d", "pgsplit"])
+            .args(["-p", &self.port.to_string(), "-c", sql])
+            .env("PGPASSWORD", "app")
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 
     fn signal(&self, sig: &str) {
@@ -329,4 +349,58 @@ fn a_second_signal_or_sigquit_closes_at_once() {
             "0"
         );
     }
+}
+
+#[test]
+fn sighup_reloads_while_a_session_stays_inside_a_block() {
+    let dir = std::env::temp_dir().join(format!("pgsplit-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("proxy.toml");
+    std::fs::write(&file, "[routing]\nmax_replica_lag = \"2s\"\n").unwrap();
+    let p = run_on_lab_with(&["--config", file.to_str().unwrap()]);
+    let shown = |p: &Running| {
+        p.console("SHOW CONFIG")
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("routing.max_replica_lag|")
+                    .map(str::to_owned)
+            })
+            .unwrap()
+    };
+    assert_eq!(shown(&p), "2s");
+    let busy = p.psql(
+        "CREATE TABLE IF NOT EXISTS hup (x int);\n\
+         BEGIN;\nINSERT INTO hup VALUES (1);\n\\! sleep 3\n\
+         INSERT INTO hup VALUES (2);\nCOMMIT;\n",
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    std::fs::write(&file, "[routing]\nmax_replica_lag = \"9s\"\n").unwrap();
+    p.signal("-HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shown(&p) != "9s" {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A file that does not load on SIGHUP: still running, nothing changed.
+    std::fs::write(&file, "[routing]\nmax_replica_lag = 5\n").unwrap();
+    p.signal("-HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(shown(&p), "9s");
+    let stats = p.console("SHOW STATS").unwrap();
+    assert!(stats.contains("config_reload_failures|1"), "{stats}");
+    // The session went on in its block through both, and committed.
+    let out = busy.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        p.lab
+            .psql(pgsplit_lab::Which::Primary, "SELECT count(*) FROM hup")
+            .unwrap(),
+        "2"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

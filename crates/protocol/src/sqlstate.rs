@@ -29,3 +29,6 @@ pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 pub const INVALID_PARAMETER_VALUE: &str = "22023";
 pub const CANT_CHANGE_RUNTIME_PARAM: &str = "55P02";
 pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+
+/// `config_file_error`: a reload found a configuration that does not load.
+pub const CONFIG_FILE_ERROR: &str = "F0000";

@@ -133,7 +133,7 @@ fn route(head: &[u8], shared: &Shared) -> (u16, &'static str, String) {
 /// replaying and within `max_replica_lag`.
 pub(crate) fn health(shared: &Shared) -> (bool, String) {
     let rep = &shared.replication;
-    let bound = shared.config.routing.max_replica_lag;
+    let bound = shared.config().routing.max_replica_lag;
     let mut problems = Vec::new();
     if !rep.primary_up() {
         problems.push("primary unreachable".to_owned());
@@ -227,6 +227,31 @@ pub(crate) fn metrics(shared: &Shared) -> String {
         "pgsplit_primary_changes",
         "Times writes moved to another primary candidate (or were refused) since the first was chosen.",
         Some(primaries.changes as f64),
+    );
+    gauge(
+        "pgsplit_config_reloads",
+        "Configuration reloads that loaded (SIGHUP or RELOAD).",
+        Some(
+            shared
+                .live
+                .reloads
+                .load(std::sync::atomic::Ordering::Relaxed) as f64,
+        ),
+    );
+    gauge(
+        "pgsplit_config_reload_failures",
+        "Configuration reloads refused because the file did not load; the old configuration stayed in force.",
+        Some(shared.live.reload_failures.load(std::sync::atomic::Ordering::Relaxed) as f64),
+    );
+    gauge(
+        "pgsplit_paused",
+        "1 while the console's PAUSE holds new transactions.",
+        Some(f64::from(u8::from(shared.pause.is_paused()))),
+    );
+    gauge(
+        "pgsplit_paused_sessions",
+        "Sessions held between transactions by PAUSE.",
+        Some(shared.pause.parked() as f64),
     );
     gauge(
         "pgsplit_primary_alarm",

@@ -41,6 +41,16 @@ impl Secrets {
         rand::thread_rng().fill_bytes(&mut mock_key);
         Secrets { scram, mock_key }
     }
+
+    /// The secrets of a reloaded configuration. The key of unknown users'
+    /// mock secrets is kept, so a reload does not change what an unknown
+    /// name is challenged with (a change would tell it apart from a real one).
+    pub fn rebuilt(&self, cfg: &Config) -> Secrets {
+        Secrets {
+            mock_key: self.mock_key,
+            ..Secrets::new(cfg)
+        }
+    }
 }
 
 /// Runs the authentication exchange for `user_name` on a client stream.

@@ -26,7 +26,7 @@ use crate::Shared;
 pub const DATABASE: &str = "pgsplit";
 
 /// What the console answers to (its `SHOW HELP`).
-pub const COMMANDS: [&str; 13] = [
+pub const COMMANDS: [&str; 15] = [
     "SHOW HELP",
     "SHOW VERSION",
     "SHOW POOLS",
@@ -39,7 +39,9 @@ pub const COMMANDS: [&str; 13] = [
     "SHOW USERS",
     "SHOW LISTS",
     "KILL_CLIENT <id>",
-    "RELOAD, PAUSE, RESUME (not yet: 0A000)",
+    "RELOAD",
+    "PAUSE",
+    "RESUME",
 ];
 
 /// One command's answer: text columns, rows (`None` is NULL), a tag.
@@ -110,7 +112,7 @@ pub fn answer(shared: &Shared, command: &str) -> Result<Table, Error> {
         ["SHOW", "POOLS"] => Ok(pools(shared)),
         ["SHOW", "CLIENTS"] => Ok(clients(shared)),
         ["SHOW", "STATS"] => Ok(stats(shared)),
-        ["SHOW", "CONFIG"] => Ok(Table::pairs(shared.config.settings())),
+        ["SHOW", "CONFIG"] => Ok(Table::pairs(shared.config().settings())),
         ["SHOW", "REPLICATION"] => Ok(replication(shared)),
         ["SHOW", "PRIMARIES"] => {
             let rows = shared.failover.report().rows();
@@ -124,7 +126,7 @@ pub fn answer(shared: &Shared, command: &str) -> Result<Table, Error> {
         ["SHOW", "USERS"] => Ok(Table::new(
             &["name", "auth", "server_user", "admin"],
             shared
-                .config
+                .config()
                 .users
                 .iter()
                 .map(|u| {
@@ -145,10 +147,78 @@ pub fn answer(shared: &Shared, command: &str) -> Result<Table, Error> {
             }
         }
         ["SHOW", "SERVERS"] => Ok(servers(shared)),
-        ["RELOAD"] => Err(Error::NotSupported("RELOAD")),
-        ["PAUSE", ..] | ["RESUME", ..] => Err(Error::NotSupported("PAUSE and RESUME")),
+        ["RELOAD"] => reload(shared),
+        // Answered by `run_query`, which can wait; not among other commands.
+        ["PAUSE"] => Err(Error::NotSupported("PAUSE from here")),
+        ["RESUME"] => {
+            if shared.pause.resume() {
+                tracing::info!("resumed from the console");
+                Ok(Table::done("RESUME"))
+            } else {
+                Err(Error::NotPaused)
+            }
+        }
         _ => Err(Error::ConsoleUnknown(command.trim().to_owned())),
     }
+}
+
+/// `RELOAD`: one row per changed key, saying whether it applied or needs
+/// a restart.
+fn reload(shared: &Shared) -> Result<Table, Error> {
+    let report = shared.reload().map_err(Error::ReloadFailed)?;
+    let rows = report
+        .changes
+        .into_iter()
+        .map(|c| {
+            vec![
+                Some(c.key),
+                Some(c.old),
+                Some(c.new),
+                Some(
+                    if c.applied {
+                        "applied"
+                    } else {
+                        "needs a restart"
+                    }
+                    .to_owned(),
+                ),
+            ]
+        })
+        .collect();
+    let mut t = Table::new(&["key", "old", "new", "status"], rows);
+    t.tag = "RELOAD".into();
+    Ok(t)
+}
+
+/// How long `PAUSE` waits for transactions in flight.
+const PAUSE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `PAUSE`: holds new transactions and waits until every session is
+/// parked between transactions, then closes idle server connections.
+async fn pause(shared: &Shared) -> Result<Table, Error> {
+    if shared.pause.pause() {
+        tracing::info!("paused from the console: holding new transactions");
+    }
+    let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
+    loop {
+        let sessions = shared.clients.list().iter().filter(|c| !c.console).count();
+        let parked = shared.pause.parked();
+        if parked >= sessions {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::PauseIncomplete(sessions - parked, PAUSE_WAIT));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    for t in [
+        pgsplit_router::Target::Primary,
+        pgsplit_router::Target::Replica,
+    ] {
+        // Dropped: closed, and their room in the pool given back.
+        drop(shared.pools.get(t).take_all_idle());
+    }
+    Ok(Table::done("PAUSE"))
 }
 
 /// PgBouncer's `SHOW POOLS` columns where they mean the same: clients
@@ -160,7 +230,7 @@ fn pools(shared: &Shared) -> Table {
     let clients = shared.clients.list();
     let mut rows = Vec::new();
     for pools in [&shared.pools.primary, &shared.pools.replica] {
-        let mode = match pools.settings.mode {
+        let mode = match pools.mode {
             crate::config::PoolMode::Transaction => "transaction",
             crate::config::PoolMode::Session => "session",
         };
@@ -311,6 +381,13 @@ fn stats(shared: &Shared) -> Table {
             "retried_missing",
             s.retried_missing.iter().map(|n| n.load(Relaxed)).sum(),
         ),
+        ("config_reloads", shared.live.reloads.load(Relaxed)),
+        (
+            "config_reload_failures",
+            shared.live.reload_failures.load(Relaxed),
+        ),
+        ("paused", u64::from(shared.pause.is_paused())),
+        ("paused_sessions", shared.pause.parked() as u64),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_string()))
@@ -329,7 +406,7 @@ fn replication(shared: &Shared) -> Table {
     let r = &shared.replication;
     let opt = |v: Option<u64>| v.map_or_else(|| "unknown".to_owned(), |v| v.to_string());
     let yes = |b: bool| if b { "yes" } else { "no" }.to_owned();
-    let stale = r.stale(shared.config.routing.max_replica_lag);
+    let stale = r.stale(shared.config().routing.max_replica_lag);
     Table::pairs(vec![
         ("monitor".into(), yes(r.enabled())),
         ("primary_up".into(), yes(r.primary_up())),
@@ -374,7 +451,7 @@ fn lists(shared: &Shared) -> Table {
     Table::new(
         &["list", "items"],
         [
-            ("users", shared.config.users.len()),
+            ("users", shared.config().users.len()),
             ("pools", pools),
             ("used_clients", clients.len() - console),
             ("console_clients", console),
@@ -443,7 +520,7 @@ pub(crate) async fn run(
     }
     encode::backend_key_data(&mut out, pid, secret);
     encode::ready_for_query(&mut out, TxStatus::Idle);
-    let max = shared.config.max_message_bytes;
+    let max = shared.config().max_message_bytes;
     let mut skipping = false;
     loop {
         if !out.is_empty() {
@@ -484,7 +561,7 @@ pub(crate) async fn run(
             tag::frontend::QUERY => {
                 skipping = false;
                 match frontend::query(f.body()) {
-                    Ok(sql) => run_query(&shared, sql, &mut out),
+                    Ok(sql) => run_query(&shared, sql, &mut out).await,
                     Err(e) => Error::Protocol(e).write_to(&mut out, false),
                 }
                 encode::ready_for_query(&mut out, TxStatus::Idle);
@@ -511,7 +588,7 @@ async fn send(stream: &mut crate::tls::ClientStream, out: &[u8]) -> std::io::Res
 
 /// Answers every `;`-separated command of one Query message; the first
 /// error ends it, as a server does.
-fn run_query(shared: &Shared, sql: &str, out: &mut BytesMut) {
+async fn run_query(shared: &Shared, sql: &str, out: &mut BytesMut) {
     let commands: Vec<&str> = sql
         .split(';')
         .map(str::trim)
@@ -522,7 +599,12 @@ fn run_query(shared: &Shared, sql: &str, out: &mut BytesMut) {
         return;
     }
     for c in commands {
-        match answer(shared, c) {
+        let res = if c.eq_ignore_ascii_case("PAUSE") {
+            pause(shared).await
+        } else {
+            answer(shared, c)
+        };
+        match res {
             Ok(t) => {
                 if !t.columns.is_empty() {
                     encode::row_description_text(out, &t.columns);
@@ -562,7 +644,9 @@ mod tests {
         assert_eq!(v.tag, "SHOW 1");
         let e = answer(&s, "SHOW NONSENSE").unwrap_err();
         assert_eq!(e.client_code().1, "42601");
-        assert_eq!(answer(&s, "RELOAD").unwrap_err().client_code().1, "0A000");
+        // Built from text, not a file: nothing to read again.
+        assert_eq!(answer(&s, "RELOAD").unwrap_err().client_code().1, "F0000");
+        assert_eq!(answer(&s, "RESUME").unwrap_err().client_code().1, "55000");
         assert_eq!(
             answer(&s, "KILL_CLIENT 99").unwrap_err().client_code().1,
             "42704"

@@ -140,6 +140,15 @@ pub enum Error {
     /// `KILL_CLIENT` of a client that is not connected.
     #[error("no client with id {0}")]
     NoSuchClient(String),
+    /// `RELOAD` (or SIGHUP) found a configuration that does not load.
+    #[error("configuration not reloaded: {0}")]
+    ReloadFailed(String),
+    /// `PAUSE` waited its limit for transactions to end.
+    #[error("{0} sessions are still inside a transaction after {1:?}; new transactions stay held")]
+    PauseIncomplete(usize, std::time::Duration),
+    /// `RESUME` without a `PAUSE`.
+    #[error("pgsplit is not paused")]
+    NotPaused,
     /// Ended from the console (`KILL_CLIENT`).
     #[error("terminating connection due to administrator command (KILL_CLIENT from the pgsplit console)")]
     Killed,
@@ -225,6 +234,10 @@ impl Error {
             Error::ConsoleUnknown(_) => (Severity::Error, SYNTAX_ERROR),
             Error::NoSuchClient(_) => (Severity::Error, UNDEFINED_OBJECT),
             Error::Killed => (Severity::Fatal, ADMIN_SHUTDOWN),
+            Error::ReloadFailed(_) => (Severity::Error, CONFIG_FILE_ERROR),
+            Error::PauseIncomplete(..) | Error::NotPaused => {
+                (Severity::Error, OBJECT_NOT_IN_PREREQUISITE_STATE)
+            }
         }
     }
 
@@ -238,6 +251,12 @@ impl Error {
             Error::SettingNotApplied { message, .. } => Some(format!(
                 "the server said: {message}; RESET the setting, or retry once the server has what it names"
             )),
+            Error::ReloadFailed(_) => {
+                Some("the configuration in force is unchanged; fix the file and RELOAD again".into())
+            }
+            Error::PauseIncomplete(..) => Some(
+                "PAUSE again to go on waiting, SHOW CLIENTS to see who, or RESUME".into(),
+            ),
             Error::ConsoleUnknown(_) => Some(format!(
                 "the console knows: {}",
                 crate::console::COMMANDS.join(", ")

@@ -28,10 +28,10 @@
 //! resolved on the server it was sent to.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::BackendAddr;
+use crate::config::{BackendAddr, Config};
 
 /// What one poll saw of one candidate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -91,6 +91,16 @@ impl Decider {
 
     pub fn current(&self) -> Option<usize> {
         self.current
+    }
+
+    /// A decider for a changed candidate list that keeps the current
+    /// primary (now at `current`) without a new first decision.
+    pub fn resume(names: Vec<String>, current: usize, timeline: u32) -> Decider {
+        let mut d = Decider::new(names);
+        d.started = true;
+        d.current = Some(current);
+        d.highest = timeline;
+        d
     }
 
     /// Takes one round of observations (one per candidate); returns the
@@ -223,7 +233,14 @@ impl Decider {
 /// monitor (which decides) and the sessions (which connect).
 #[derive(Debug)]
 pub struct Candidates {
-    addrs: Vec<BackendAddr>,
+    /// Replaced by a reload that changes the candidates (see
+    /// [`Candidates::reconfigure`]).
+    addrs: std::sync::RwLock<Arc<Vec<BackendAddr>>>,
+    /// Bumped when `addrs` is replaced: the monitor rebuilds its decider.
+    layout: AtomicU64,
+    /// A reload changed the candidates: the monitor checks them as it
+    /// follows promotions, even when there is one.
+    reconfigured: std::sync::atomic::AtomicBool,
     /// Index of the current primary plus one; 0: writes refused.
     current: AtomicU64,
     generation: AtomicU64,
@@ -232,8 +249,8 @@ pub struct Candidates {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Which candidate each generation wrote to.
-    history: Vec<(u64, Option<usize>)>,
+    /// Which server each generation wrote to.
+    history: Vec<(u64, Option<BackendAddr>)>,
     why: String,
     changed_at: Option<SystemTime>,
     alarm: Option<String>,
@@ -322,7 +339,7 @@ impl Candidates {
             current: AtomicU64::new(u64::from(single)),
             generation: AtomicU64::new(1),
             state: Mutex::new(State {
-                history: vec![(1, single.then_some(0))],
+                history: vec![(1, if single { addrs.first().cloned() } else { None })],
                 why: if single {
                     "the only candidate"
                 } else {
@@ -332,17 +349,77 @@ impl Candidates {
                 refusal: (!single).then(|| "no candidate has been seen writable yet".to_owned()),
                 ..State::default()
             }),
-            addrs,
+            addrs: std::sync::RwLock::new(Arc::new(addrs)),
+            layout: AtomicU64::new(0),
+            reconfigured: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// More than one candidate: the monitor follows promotions.
+    /// More than one candidate, or a reloaded list: the monitor polls them
+    /// and follows promotions.
     pub fn following(&self) -> bool {
-        self.addrs.len() > 1
+        self.addrs().len() > 1 || self.reconfigured.load(Relaxed)
     }
 
-    pub fn addrs(&self) -> &[BackendAddr] {
-        &self.addrs
+    pub fn addrs(&self) -> Arc<Vec<BackendAddr>> {
+        self.addrs
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Which candidate list the monitor's decider must be built for.
+    pub fn layout(&self) -> u64 {
+        self.layout.load(Relaxed)
+    }
+
+    /// A reload's primary candidates. When the current primary is among
+    /// them it stays current; otherwise writes are refused until the
+    /// monitor has seen one of the new candidates writable, the check a
+    /// promoted candidate goes through, and connections to the old one
+    /// are closed (a new generation).
+    pub fn reconfigure(&self, _old: &Config, new: &Config) {
+        let list = new.primary_candidates();
+        let mut st = self.lock();
+        let old = self.addrs();
+        if *old == list {
+            return;
+        }
+        let current = self.current_index().and_then(|i| old.get(i)).cloned();
+        let keep = current
+            .as_ref()
+            .and_then(|c| list.iter().position(|a| a == c));
+        tracing::warn!(
+            from = %old.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            to = %list.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            kept = keep.is_some(),
+            "reload: the primary candidates changed"
+        );
+        st.seen = vec![Seen::default(); list.len()];
+        *self
+            .addrs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(list);
+        self.reconfigured.store(true, Relaxed);
+        match keep {
+            Some(j) => self.current.store(j as u64 + 1, Relaxed),
+            None => {
+                let gen = self.generation.load(Relaxed) + 1;
+                st.history.push((gen, None));
+                if st.history.len() > 64 {
+                    st.history.remove(0);
+                }
+                st.why = "the configuration named new primary candidates".into();
+                st.changed_at = Some(SystemTime::now());
+                st.refusal = Some(
+                    "no writable primary: the reloaded candidates have not been seen writable yet"
+                        .into(),
+                );
+                self.current.store(0, Relaxed);
+                self.generation.store(gen, Relaxed);
+            }
+        }
+        self.layout.fetch_add(1, Relaxed);
     }
 
     pub fn generation(&self) -> u64 {
@@ -351,15 +428,21 @@ impl Candidates {
 
     /// Where writes go now and the generation that names it, or why none
     /// takes them.
-    pub fn current(&self) -> Result<(&BackendAddr, u64), String> {
+    pub fn current(&self) -> Result<(BackendAddr, u64), String> {
         let gen = self.generation.load(Relaxed);
-        match self.current.load(Relaxed) {
-            0 => Err(self
-                .lock()
+        let refused = || {
+            self.lock()
                 .refusal
                 .clone()
-                .unwrap_or_else(|| "no writable primary".into())),
-            i => Ok((&self.addrs[(i - 1) as usize], gen)),
+                .unwrap_or_else(|| "no writable primary".into())
+        };
+        match self.current.load(Relaxed) {
+            0 => Err(refused()),
+            i => self
+                .addrs()
+                .get((i - 1) as usize)
+                .map(|a| (a.clone(), gen))
+                .ok_or_else(refused),
         }
     }
 
@@ -372,15 +455,13 @@ impl Candidates {
     }
 
     /// The server generation `gen` wrote to, if any.
-    pub fn addr_of(&self, gen: u64) -> Option<&BackendAddr> {
-        let i = self
-            .lock()
+    pub fn addr_of(&self, gen: u64) -> Option<BackendAddr> {
+        self.lock()
             .history
             .iter()
             .rev()
             .find(|(g, _)| *g == gen)
-            .and_then(|(_, i)| *i)?;
-        self.addrs.get(i)
+            .and_then(|(_, a)| a.clone())
     }
 
     /// Records one round of observations and what the decider made of it.
@@ -396,8 +477,10 @@ impl Candidates {
         }
         st.alarm = alarm;
         let Some(c) = change else { return };
+        let addrs = self.addrs();
         let gen = self.generation.load(Relaxed) + 1;
-        st.history.push((gen, c.to));
+        st.history
+            .push((gen, c.to.and_then(|i| addrs.get(i).cloned())));
         if st.history.len() > 64 {
             st.history.remove(0);
         }
@@ -412,8 +495,8 @@ impl Candidates {
                 .then(|| format!("no writable primary: {}", c.why));
         match c.to {
             Some(i) => tracing::warn!(
-                from = ?c.from.map(|f| self.addrs[f].to_string()),
-                to = %self.addrs[i],
+                from = ?c.from.and_then(|f| addrs.get(f)).map(ToString::to_string),
+                to = %addrs.get(i).map(ToString::to_string).unwrap_or_default(),
                 why = %c.why,
                 "writes now go to a new primary"
             ),
@@ -427,7 +510,7 @@ impl Candidates {
     pub fn report(&self) -> Report {
         let st = self.lock();
         Report {
-            addrs: self.addrs.clone(),
+            addrs: self.addrs().to_vec(),
             seen: st.seen.clone(),
             current: match self.current.load(Relaxed) {
                 0 => None,
@@ -638,5 +721,58 @@ mod tests {
         assert_eq!((a.port, g2), (2, g1 + 1));
         assert_eq!(c.addr_of(g1).unwrap().port, 1);
         assert_eq!(c.report().why, "y");
+    }
+
+    fn cfg_with(hosts: &[&str]) -> Config {
+        let mut c = Config::default();
+        c.primary.hosts = hosts.iter().map(|h| (*h).to_owned()).collect();
+        c
+    }
+
+    #[test]
+    fn a_reload_keeps_the_current_primary_when_it_stays_a_candidate() {
+        let old = cfg_with(&["127.0.0.1:1", "127.0.0.1:2"]);
+        let c = Candidates::new(old.primary_candidates());
+        c.record(
+            vec![w(1), standby(1)],
+            Some(Change {
+                from: None,
+                to: Some(0),
+                why: "x".into(),
+            }),
+            None,
+        );
+        let (_, g) = c.current().unwrap();
+        let layout = c.layout();
+        let new = cfg_with(&["127.0.0.1:3", "127.0.0.1:1"]);
+        c.reconfigure(&old, &new);
+        let (a, g2) = c.current().unwrap();
+        // Same server, same generation: its connections stay in use.
+        assert_eq!((a.port, g2), (1, g));
+        assert_eq!(c.current_index(), Some(1));
+        assert_ne!(c.layout(), layout, "the monitor rebuilds its decider");
+        assert!(c.following());
+        // The same list again changes nothing.
+        c.reconfigure(&new, &new);
+        assert_eq!(c.current().unwrap().1, g);
+    }
+
+    #[test]
+    fn a_reload_that_drops_the_primary_refuses_writes_until_one_is_seen_writable() {
+        let old = Config::default();
+        let c = Candidates::new(old.primary_candidates());
+        let (first, g) = c.current().unwrap();
+        let new = cfg_with(&["127.0.0.1:7"]);
+        c.reconfigure(&old, &new);
+        let e = c.current().unwrap_err();
+        assert!(e.contains("not been seen writable"), "{e}");
+        assert!(c.following(), "one new candidate is still checked");
+        assert_eq!(c.generation(), g + 1, "old connections are closed");
+        // A lost commit on the old primary is still asked where it went.
+        assert_eq!(c.addr_of(g), Some(first));
+        let mut d = Decider::new(vec!["127.0.0.1:7".into()]);
+        let (change, _) = d.step(&[w(1)], Instant::now(), GRACE);
+        c.record(vec![w(1)], change, None);
+        assert_eq!(c.current().unwrap().0.port, 7);
     }
 }

@@ -30,7 +30,9 @@ pub mod failover;
 pub mod fdlimit;
 mod listener;
 mod monitor;
+pub mod pause;
 pub mod pool;
+pub mod reload;
 pub mod replication;
 mod session;
 pub mod stats;
@@ -51,9 +53,10 @@ pub use tokio_util::sync::CancellationToken;
 
 /// What every session shares: read-only config and process-wide services.
 pub struct Shared {
-    pub config: Arc<Config>,
+    /// The configuration in force, the secrets and TLS set-up derived from
+    /// it, and reloading (see [`reload`]).
+    pub live: reload::Live,
     pub classifier: Classifier,
-    pub secrets: auth::Secrets,
     pub cancels: Arc<cancel::CancelRegistry>,
     pub stats: stats::Stats,
     /// Replica lag and positions, kept by the monitor.
@@ -64,17 +67,55 @@ pub struct Shared {
     pub failover: failover::Candidates,
     /// The connected clients (the console's `SHOW CLIENTS`, `KILL_CLIENT`).
     pub clients: Arc<clients::Clients>,
-    /// Client-facing TLS, when `[tls]` configures it (set by
-    /// [`Server::bind`], which fails on unreadable certificates).
-    pub tls: Option<tls::ClientTls>,
     /// Cancelled to end a graceful shutdown at once (SIGQUIT, or a second
     /// signal): the grace period is cut short and every session closed.
     pub immediate: CancellationToken,
+    /// The console's `PAUSE`/`RESUME`.
+    pub pause: pause::Pause,
+    /// Bumped when a reload changes the replica's address.
+    pub replica_generation: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
-    /// Where a new connection to `t` goes, and the failover generation it
-    /// belongs to (0 for the replica).
+    /// The configuration in force now (see [`reload`]).
+    pub fn config(&self) -> Arc<Config> {
+        self.live.config()
+    }
+
+    /// Reads the configuration file again and applies what may change
+    /// without a restart (see [`reload`]).
+    ///
+    /// # Errors
+    /// The load error; the old configuration stays in force.
+    pub fn reload(&self) -> Result<reload::Report, String> {
+        self.live.reload(|old, new| {
+            self.pools.apply(new);
+            self.failover.reconfigure(old, new);
+            if old.replica != new.replica {
+                // New connections go to the new address; pooled ones to
+                // the old are closed instead of leased.
+                tracing::warn!(from = %old.replica, to = %new.replica,
+                    "reload: the replica's address changed");
+                self.replica_generation
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    }
+
+    /// The generation a pooled connection to `t` must carry to be leased:
+    /// the failover generation for the primary, the replica's address
+    /// generation for the replica (both bumped when the server changes).
+    pub fn generation_of(&self, t: pgsplit_router::Target) -> u64 {
+        match t {
+            pgsplit_router::Target::Primary => self.failover.generation(),
+            pgsplit_router::Target::Replica => self
+                .replica_generation
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Where a new connection to `t` goes, and the generation it belongs
+    /// to (see [`Shared::generation_of`]).
     ///
     /// # Errors
     /// `NoPrimary` when no candidate takes writes now, and why.
@@ -83,11 +124,13 @@ impl Shared {
         t: pgsplit_router::Target,
     ) -> Result<(config::BackendAddr, u64), backend::BackendError> {
         match t {
-            pgsplit_router::Target::Replica => Ok((self.config.replica.clone(), 0)),
+            pgsplit_router::Target::Replica => Ok((
+                self.config().replica.clone(),
+                self.generation_of(pgsplit_router::Target::Replica),
+            )),
             pgsplit_router::Target::Primary => self
                 .failover
                 .current()
-                .map(|(a, g)| (a.clone(), g))
                 .map_err(backend::BackendError::NoPrimary),
         }
     }
@@ -106,7 +149,6 @@ impl Shared {
                     .any(|c| c.host == config.replica.host && c.port == config.replica.port),
         );
         Shared {
-            secrets: auth::Secrets::new(&config),
             classifier,
             cancels: Arc::default(),
             stats: stats::Stats::default(),
@@ -115,8 +157,9 @@ impl Shared {
             failover: failover::Candidates::new(candidates),
             clients: Arc::default(),
             immediate: CancellationToken::new(),
-            tls: None,
-            config,
+            replica_generation: std::sync::atomic::AtomicU64::new(0),
+            pause: pause::Pause::default(),
+            live: reload::Live::new(config),
         }
     }
 }
@@ -146,9 +189,10 @@ impl Server {
             }
             None => None,
         };
-        let mut shared = Shared::new(Arc::new(config));
-        shared.tls = tls::client_tls(&shared.config)
+        let shared = Shared::new(Arc::new(config));
+        let tls = tls::client_tls(&shared.config())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        shared.live.set_tls(tls);
         Ok(Server {
             listener,
             admin,
@@ -185,7 +229,7 @@ impl Server {
     /// # Errors
     /// Runtime or socket set-up failures.
     pub fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
-        let n = self.shared.config.worker_threads();
+        let n = self.shared.config().worker_threads();
         let mut inboxes = Vec::with_capacity(n);
         let mut senders = Vec::with_capacity(n);
         for _ in 0..n {
@@ -238,9 +282,10 @@ fn run_worker(
             }
             let listener = TcpListener::from_std(l)?;
             let addr = listener.local_addr()?;
-            info!(%addr, primary = %shared.config.primary, replica = %shared.config.replica,
+            let cfg = shared.config();
+            info!(%addr, primary = %cfg.primary, replica = %cfg.replica,
                   workers = senders.len(), "pgsplit listening");
-            fdlimit::check(&shared.config);
+            fdlimit::check(&cfg);
             // The monitor has a thread of its own: its timer would otherwise
             // make every idle moment of this worker arm a kernel timer.
             let (m_shared, m_stop) = (shared.clone(), shutdown.clone());
@@ -271,7 +316,7 @@ fn run_worker(
         }
         listener::worker_loop(inbox, shared.clone(), shutdown.clone(), tracker.clone()).await;
         tracker.close();
-        let grace = shared.config.timeouts.shutdown_grace;
+        let grace = shared.config().timeouts.shutdown_grace;
         if !tracker.is_empty() {
             info!(
                 sessions = tracker.len(),

@@ -41,7 +41,7 @@ pub(crate) async fn accept_loop(
     shutdown: CancellationToken,
     workers: Vec<mpsc::UnboundedSender<Accepted>>,
 ) {
-    let limit = Arc::new(Semaphore::new(shared.config.max_client_connections));
+    let limit = Arc::new(Semaphore::new(shared.config().max_client_connections));
     let mut conn_id: u64 = 0;
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -144,7 +144,7 @@ async fn handle(
 ) {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut stream = ClientStream::Plain(tcp);
-    let auth_timeout = shared.config.timeouts.client_auth_timeout;
+    let auth_timeout = shared.config().timeouts.client_auth_timeout;
     let started = tokio::time::timeout(
         auth_timeout,
         startup(&mut stream, &mut buf, &shared, full).instrument(span.clone()),
@@ -283,7 +283,7 @@ async fn startup(
                     }
                     .into());
                 }
-                match (&packet, &shared.tls) {
+                match (&packet, &shared.live.tls()) {
                     (StartupPacket::SslRequest, Some(tls)) if !stream.is_tls() => {
                         stream.upgrade(tls).await.map_err(Error::ClientIo)?;
                     }
@@ -298,8 +298,8 @@ async fn startup(
         }
     };
     if shared
-        .tls
-        .as_ref()
+        .live
+        .tls()
         .is_some_and(|t| t.mode == crate::config::TlsMode::Require)
         && !stream.is_tls()
     {
@@ -320,14 +320,12 @@ async fn startup(
         return Err(Error::Replication);
     }
     let user_name = startup.user().ok_or(Error::NoUser)?.to_owned();
-    crate::auth::authenticate(stream, buf, &shared.config, &shared.secrets, &user_name).await?;
-    let user = shared
-        .config
-        .user(&user_name)
-        .cloned()
-        .ok_or(Error::AuthFailed {
-            user: user_name.clone(),
-        })?;
+    let cfg = shared.config();
+    let secrets = shared.live.secrets();
+    crate::auth::authenticate(stream, buf, &cfg, &secrets, &user_name).await?;
+    let user = cfg.user(&user_name).cloned().ok_or(Error::AuthFailed {
+        user: user_name.clone(),
+    })?;
     let database = startup.database().unwrap_or_default();
     if database == crate::console::DATABASE {
         if !user.admin {
@@ -353,7 +351,7 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
         debug!("cancel request for an idle session or with a wrong key; ignored");
         return;
     };
-    let timeout = shared.config.timeouts.connect_timeout;
+    let timeout = shared.config().timeouts.connect_timeout;
     if let Err(e) = send_cancel(&running.endpoint, running.pid, running.secret, timeout).await {
         warn!(cause = %e, "forwarding a cancel request failed");
     }

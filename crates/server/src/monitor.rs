@@ -44,8 +44,9 @@ pub const MONITOR_APPLICATION: &str = "pgsplit monitor";
 
 /// Runs until `shutdown`.
 pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let cfg = &shared.config;
-    let Some(creds) = cfg.monitor_login() else {
+    let mut cfg = shared.config();
+    let mut cfg_gen = shared.live.generation();
+    let Some(mut creds) = cfg.monitor_login() else {
         warn!("no user to run the replication monitor as; lag is not measured");
         return;
     };
@@ -53,17 +54,10 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     info!(interval = ?cfg.monitor.interval, "replication monitor started");
     let mut primary: Option<BackendConn> = None;
     let mut replica: Option<BackendConn> = None;
-    let following = shared.failover.following();
+    let mut layout = shared.failover.layout();
     let mut candidates: Vec<Option<BackendConn>> =
         shared.failover.addrs().iter().map(|_| None).collect();
-    let mut decider = Decider::new(
-        shared
-            .failover
-            .addrs()
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
-    );
+    let mut decider = Decider::new(names(&shared));
     // Named, so that operators (and tests) can tell its connections from
     // the sessions' in pg_stat_activity.
     let monitor_params = vec![(
@@ -73,6 +67,45 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(cfg.monitor.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if shared.live.generation() != cfg_gen {
+            // Reloaded: new addresses, login or interval from the next poll.
+            cfg_gen = shared.live.generation();
+            let new = shared.config();
+            if new.monitor.interval != cfg.monitor.interval {
+                ticker = tokio::time::interval(new.monitor.interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
+            if new.primary != cfg.primary || new.monitor.database != cfg.monitor.database {
+                primary = None;
+            }
+            if new.replica != cfg.replica || new.monitor.database != cfg.monitor.database {
+                replica = None;
+            }
+            if let Some(c) = new.monitor_login() {
+                if c != creds {
+                    (primary, replica) = (None, None);
+                    candidates.iter_mut().for_each(|c| *c = None);
+                }
+                creds = c;
+            }
+            cfg = new;
+        }
+        if shared.failover.layout() != layout {
+            // The candidates changed: a decider for the new list, keeping
+            // the current primary when it is still one of them.
+            layout = shared.failover.layout();
+            candidates = shared.failover.addrs().iter().map(|_| None).collect();
+            let report = shared.failover.report();
+            decider = match report.current {
+                Some(i) => Decider::resume(
+                    names(&shared),
+                    i,
+                    report.seen.get(i).and_then(|s| s.timeline).unwrap_or(0),
+                ),
+                None => Decider::new(names(&shared)),
+            };
+        }
+        let following = shared.failover.following();
         let login = Login {
             user: &creds.0,
             password: creds.1.as_deref(),
@@ -155,6 +188,16 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
+/// How the decider names the candidates.
+fn names(shared: &Shared) -> Vec<String> {
+    shared
+        .failover
+        .addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
 /// Polls every primary candidate at once, lets the decider move writes,
 /// and returns the current primary's WAL position as the primary poll.
 async fn follow(
@@ -167,7 +210,9 @@ async fn follow(
     for (i, conn) in conns.iter_mut().enumerate() {
         let mut c = conn.take();
         let shared = shared.clone();
-        let addr = shared.failover.addrs()[i].clone();
+        let Some(addr) = shared.failover.addrs().get(i).cloned() else {
+            continue;
+        };
         let (user, password) = creds.clone();
         set.spawn(async move {
             let monitor_params = vec![(
@@ -177,7 +222,7 @@ async fn follow(
             let login = Login {
                 user: &user,
                 password: password.as_deref(),
-                database: &shared.config.monitor.database,
+                database: &shared.config().monitor.database,
                 params: &monitor_params,
             };
             let r = poll(
@@ -224,7 +269,7 @@ async fn follow(
     let (change, alarm) = decider.step(
         &seen,
         std::time::Instant::now(),
-        shared.config.monitor.failover_grace,
+        shared.config().monitor.failover_grace,
     );
     if change.is_some() {
         shared.replication.primary_changed();
@@ -300,7 +345,7 @@ async fn poll_once(
     login: &Login<'_>,
     sql: &str,
 ) -> Result<Row, Failure> {
-    let cfg = &shared.config;
+    let cfg = shared.config();
     let primary = t == Target::Primary;
     let bound = cfg.timeouts.for_target(primary).connect_timeout;
     // The primary poll is the link's heartbeat.

@@ -56,6 +56,12 @@ impl Pools {
         }
     }
 
+    /// Puts a reloaded configuration's pool settings in force.
+    pub fn apply(&self, config: &Config) {
+        self.primary.set_settings(config.pool.for_target(true));
+        self.replica.set_settings(config.pool.for_target(false));
+    }
+
     pub fn get(&self, t: Target) -> &Arc<TargetPools> {
         match t {
             Target::Primary => &self.primary,
@@ -85,7 +91,10 @@ pub(crate) enum Checkout {
 /// One target's pools.
 pub struct TargetPools {
     pub target: Target,
-    pub settings: PoolSettings,
+    /// `[pool] mode`, fixed for the process (sessions were opened under it).
+    pub mode: crate::config::PoolMode,
+    /// The rest of the settings; a reload replaces them (see [`Pools::apply`]).
+    settings: std::sync::RwLock<PoolSettings>,
     state: Mutex<State>,
     /// Signalled when a connection is returned or closed.
     changed: Notify,
@@ -197,10 +206,25 @@ impl TargetPools {
     fn new(target: Target, settings: PoolSettings) -> Arc<TargetPools> {
         Arc::new(TargetPools {
             target,
-            settings,
+            mode: settings.mode,
+            settings: std::sync::RwLock::new(settings),
             state: Mutex::default(),
             changed: Notify::new(),
         })
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> PoolSettings {
+        *self.settings.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// New sizes and timeouts from a reload: a smaller pool shrinks as
+    /// connections come back (the surplus is closed on return), a larger
+    /// one lets waiting sessions in at once.
+    fn set_settings(&self, mut new: PoolSettings) {
+        new.mode = self.mode;
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = new;
+        self.changed.notify_waiters();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -257,11 +281,11 @@ impl TargetPools {
     /// closed to make room (returned, to be dropped outside the lock).
     fn reserve(self: &Arc<Self>, id: PoolId) -> (Option<Lease>, Option<Box<Backend>>) {
         let mut s = self.lock();
-        if s.pools[id].open >= self.settings.size {
+        if s.pools[id].open >= self.settings().size {
             return (None, None);
         }
         let mut evicted = None;
-        if s.total >= self.settings.max_server_connections {
+        if s.total >= self.settings().max_server_connections {
             let victim = s
                 .pools
                 .iter_mut()
@@ -295,7 +319,7 @@ impl TargetPools {
     ) -> Result<Checkout, PoolFull> {
         self.lock().pools[id].warm = true;
         let start = Instant::now();
-        let deadline = start + self.settings.checkout_timeout;
+        let deadline = start + self.settings().checkout_timeout;
         let mut counted = false;
         let res = loop {
             let changed = self.changed.notified();
@@ -318,7 +342,7 @@ impl TargetPools {
                 STATS.timeouts.fetch_add(1, Relaxed);
                 break Err(PoolFull {
                     waited: start.elapsed(),
-                    size: self.settings.size,
+                    size: self.settings().size,
                 });
             }
         };
@@ -359,9 +383,13 @@ impl TargetPools {
 
     /// Returns an idle, clean connection to its pool.
     pub(crate) fn put(&self, backend: Box<Backend>, id: PoolId, fingerprint: u64) {
+        let settings = self.settings();
         let mut s = self.lock();
         let now = Instant::now();
-        if s.closing_until.is_some_and(|t| now < t) {
+        // Over the size (a reload made the pool smaller): closed, so the
+        // pool shrinks as its connections come back.
+        let surplus = s.pools[id].open > settings.size || s.total > settings.max_server_connections;
+        if surplus || s.closing_until.is_some_and(|t| now < t) {
             // Closed (outside the lock): a database may be being dropped.
             drop(s);
             drop(backend);
@@ -386,7 +414,7 @@ impl TargetPools {
     ) -> Vec<Box<Backend>> {
         let mut out = Vec::new();
         let mut s = self.lock();
-        let keep = self.settings.min_idle;
+        let keep = self.settings().min_idle;
         for p in &mut s.pools {
             let mut i = 0;
             while i < p.idle.len() {
@@ -406,14 +434,17 @@ impl TargetPools {
     /// lack (within their size and the target's cap).
     pub fn short_of_min_idle(&self) -> Vec<(PoolId, PoolKey, usize)> {
         let s = self.lock();
-        let mut room = self.settings.max_server_connections.saturating_sub(s.total);
+        let mut room = self
+            .settings()
+            .max_server_connections
+            .saturating_sub(s.total);
         let mut out = Vec::new();
         for (id, p) in s.pools.iter().enumerate().filter(|(_, p)| p.warm) {
             let want = self
-                .settings
+                .settings()
                 .min_idle
                 .saturating_sub(p.idle.len())
-                .min(self.settings.size.saturating_sub(p.open))
+                .min(self.settings().size.saturating_sub(p.open))
                 .min(room);
             if want > 0 {
                 room -= want;
@@ -439,7 +470,7 @@ impl TargetPools {
                 target: self.target,
                 user: p.key.user.clone(),
                 database: p.key.database.clone(),
-                size: self.settings.size,
+                size: self.settings().size,
                 open: p.open,
                 idle: p.idle.len(),
                 leased: p.open - p.idle.len(),

@@ -15,7 +15,7 @@ use crate::error::Error;
 impl Session {
     /// Handles every whole frame in the client buffer.
     pub(super) async fn process_client(&mut self) -> Result<Flow, Error> {
-        let max = self.shared.config.max_message_bytes;
+        let max = self.cfg.max_message_bytes;
         let flow = 'read: loop {
             let Some(mut block) = frame::decode_block(&mut self.cbuf, max)? else {
                 break Flow::Continue;
@@ -35,7 +35,7 @@ impl Session {
             }
             self.block = block.clone();
             while let Some(f) = frame::next_in(&mut block) {
-                let cap = self.shared.config.routing.batch_buffer_bytes;
+                let cap = self.cfg.routing.batch_buffer_bytes;
                 if self.only_batches(&f) && self.batch.bytes + f.len() <= cap {
                     // The common case, without an await: a message held
                     // for the batch its Sync will dispatch.
@@ -121,7 +121,7 @@ impl Session {
             }
             t::PARSE | t::BIND | t::DESCRIBE | t::EXECUTE | t::CLOSE => {
                 self.batch_push(f)?;
-                if self.batch.bytes > self.shared.config.routing.batch_buffer_bytes {
+                if self.batch.bytes > self.cfg.routing.batch_buffer_bytes {
                     self.dispatch_batch(false).await?;
                 }
             }

@@ -82,15 +82,15 @@ pub(crate) async fn checkout(
                     debug!(target = ?t, "pooled connection found closed; replacing it");
                     continue;
                 }
-                if t == Target::Primary && b.generation != shared.failover.generation() {
-                    debug!("pooled connection to a former primary; closing it");
+                if b.generation != shared.generation_of(t) {
+                    debug!(target = ?t, "pooled connection to a former server; closing it");
                     b.conn.terminate().await;
                     continue;
                 }
                 return Ok(b);
             }
             Ok(Checkout::Room(lease)) => {
-                let cfg = &shared.config;
+                let cfg = shared.config();
                 let (addr, generation) = shared.server_addr(t).map_err(LeaseError::Connect)?;
                 let login = Login {
                     user: user.backend_user(),
@@ -114,7 +114,7 @@ pub(crate) async fn checkout(
 
 impl Session {
     pub(super) fn pool_mode(&self, t: Target) -> PoolMode {
-        self.shared.pools.get(t).settings.mode
+        self.shared.pools.get(t).mode
     }
 
     /// Fingerprint of the settings the session holds now.
@@ -151,8 +151,7 @@ impl Session {
             b.reset_due = b.carried != 0;
         }
         b.timeouts = self
-            .shared
-            .config
+            .cfg
             .timeouts
             .for_target(b.conn.target == Target::Primary);
         b.last_used = std::time::Instant::now();
@@ -328,11 +327,11 @@ pub(crate) async fn maintain(
         }
         for t in [Target::Primary, Target::Replica] {
             let pools = shared.pools.get(t);
-            let tm = shared.config.timeouts.for_target(t == Target::Primary);
-            let generation = shared.failover.generation();
+            let tm = shared.config().timeouts.for_target(t == Target::Primary);
+            let generation = shared.generation_of(t);
             let expired = pools.expired(tm.server_idle_timeout, |b| {
-                // A connection to a former primary goes at once.
-                (t == Target::Primary && b.generation != generation)
+                // A connection to a former primary (or replica) goes at once.
+                b.generation != generation
                     || tm.server_lifetime.is_some_and(|l| {
                         let jitter = rand::thread_rng().gen_range(0.9..=1.0);
                         b.opened.elapsed() >= l.mul_f64(jitter)
@@ -344,8 +343,9 @@ pub(crate) async fn maintain(
             if t == Target::Primary && shared.replication.primary_link_down() {
                 continue;
             }
+            let cfg = shared.config();
             for (id, key, want) in pools.short_of_min_idle() {
-                let Some(user) = shared.config.user(&key.user) else {
+                let Some(user) = cfg.user(&key.user) else {
                     continue;
                 };
                 let Ok((addr, generation)) = shared.server_addr(t) else {

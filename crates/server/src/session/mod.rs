@@ -149,6 +149,11 @@ struct BlockState {
 /// A client's session after a successful handshake.
 pub(crate) struct Session {
     shared: Arc<Shared>,
+    /// The configuration this session runs under: taken again between
+    /// transactions when a reload changed it (see [`crate::reload`]).
+    cfg: Arc<crate::Config>,
+    /// `shared.live`'s generation `cfg` was taken at.
+    cfg_gen: u64,
     client: crate::tls::ClientStream,
     cbuf: BytesMut,
     /// The whole messages last split off `cbuf`, of which the client's
@@ -228,6 +233,8 @@ pub(crate) struct Session {
     /// again costs nothing, where a fresh `cancelled()` per wait would
     /// register and unregister a waiter every time.
     shutdown: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    /// Wakes an idle session when the console pauses (see [`crate::pause`]).
+    pause: tokio::sync::watch::Receiver<bool>,
     /// Fires when the console ends this client (`KILL_CLIENT`).
     kill: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     /// The session's timer, for the earliest of its deadlines. Reset only
@@ -290,10 +297,14 @@ impl Session {
     ) -> Session {
         let mut backends = [None, None];
         let t = first.conn.target;
-        let vars = vars::Vars::new(&shared.config);
-        let iit = shared.config.timeouts.idle_in_transaction_timeout;
+        // The generation first: a reload in between is then seen again.
+        let cfg_gen = shared.live.generation();
+        let cfg = shared.config();
+        let vars = vars::Vars::new(&cfg);
+        let iit = cfg.timeouts.idle_in_transaction_timeout;
         let idle_in_transaction = (!iit.is_zero()).then_some(iit);
         let link = shared.replication.watch_link();
+        let shared_pause = shared.pause.watch();
         let report_lag = params
             .iter()
             .any(|(k, v)| k == "pgsplit.report_lag" && vars::is_on(v));
@@ -305,6 +316,8 @@ impl Session {
         backends[idx(t)] = Some(first);
         Session {
             shared,
+            cfg,
+            cfg_gen,
             client,
             cbuf,
             block: Bytes::new(),
@@ -349,6 +362,7 @@ impl Session {
             resolution: None,
             shutdown: Box::pin(shutdown.cancelled_owned()),
             kill: Box::pin(kill.cancelled_owned()),
+            pause: shared_pause,
             alarm: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
             alarm_at: None,
         }
@@ -442,6 +456,10 @@ impl Session {
             let primary_open = self.backends[idx(Target::Primary)].is_some();
             let watch = [busy[0] || (self.pin.held && primary_open), busy[1]];
             let idle = !busy[0] && !busy[1] && self.tx.open.is_none() && self.copy_in.is_none();
+            if idle && self.shared.pause.is_paused() {
+                self.park().await?;
+                continue;
+            }
             if let Some((at, _)) = self.next_timer() {
                 if self.alarm_at.is_none_or(|a| at < a) {
                     self.alarm
@@ -459,6 +477,7 @@ impl Session {
                 kill,
                 link,
                 alarm,
+                pause,
                 ..
             } = self;
             let [p, r] = backends;
@@ -469,6 +488,7 @@ impl Session {
                 Link,
                 Shutdown,
                 Killed,
+                Pause,
             }
             let ev = tokio::select! {
                 biased;
@@ -479,6 +499,7 @@ impl Session {
                 _ = link.changed(), if busy[0] => Ev::Link,
                 _ = shutdown.as_mut(), if idle => Ev::Shutdown,
                 _ = kill.as_mut() => Ev::Killed,
+                _ = pause.changed(), if idle => Ev::Pause,
             };
             match ev {
                 Ev::Client(Ok(0)) => return Err(Error::ClientGone),
@@ -494,6 +515,7 @@ impl Session {
                 }
                 Ev::Link => self.on_link_change()?,
                 Ev::Client(Ok(_)) => {
+                    self.follow_reload();
                     if self.idle_in_transaction.is_some() {
                         self.idle_since = Instant::now();
                     }
@@ -506,12 +528,47 @@ impl Session {
                 Ev::Backend(t, _) => self.backend_lost(t)?,
                 Ev::Shutdown => return Err(Error::ShuttingDown),
                 Ev::Killed => return Err(Error::Killed),
+                // Handled at the top of the loop.
+                Ev::Pause => {}
             }
         }
     }
 }
 
 impl Session {
+    /// Held between transactions while the console's `PAUSE` is in force
+    /// (see [`crate::pause`]): the client is not read until `RESUME`.
+    async fn park(&mut self) -> Result<(), Error> {
+        let shared = self.shared.clone();
+        let _parked = shared.pause.park();
+        loop {
+            if !shared.pause.is_paused() {
+                return Ok(());
+            }
+            tokio::select! {
+                r = self.pause.changed() => if r.is_err() { return Ok(()) },
+                _ = self.shutdown.as_mut() => return Err(Error::ShuttingDown),
+                _ = self.kill.as_mut() => return Err(Error::Killed),
+            }
+        }
+    }
+
+    /// Between transactions, takes a reloaded configuration: routing
+    /// defaults the session has not set itself, timeouts and limits apply
+    /// from its next transaction on, never inside a block.
+    fn follow_reload(&mut self) {
+        let gen = self.shared.live.generation();
+        if gen == self.cfg_gen || self.tx.open.is_some() || self.copy_in.is_some() {
+            return;
+        }
+        let new = self.shared.config();
+        self.vars.rebase(&self.cfg, &new);
+        let iit = new.timeouts.idle_in_transaction_timeout;
+        self.idle_in_transaction = (!iit.is_zero()).then_some(iit);
+        self.cfg = new;
+        self.cfg_gen = gen;
+    }
+
     /// Writes moved to another primary (a promotion was followed) while this
     /// session held a connection to the old one, idle between statements:
     /// it is closed, so a block open there ends as on a lost connection

@@ -537,7 +537,7 @@ impl Session {
     /// should it have committed.
     fn resolvable(&self, b: &super::Backend) -> Option<Bytes> {
         use crate::config::CommitResolution;
-        if self.shared.config.timeouts.commit_resolution == CommitResolution::Off
+        if self.cfg.timeouts.commit_resolution == CommitResolution::Off
             || self.resolution.is_some()
             || b.dead
         {

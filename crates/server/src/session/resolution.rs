@@ -149,7 +149,7 @@ impl Session {
     /// Asks the primary, until the bound, what became of transaction
     /// `r.xid`.
     async fn outcome(&self, r: &Resolution) -> Outcome {
-        let deadline = r.started + self.shared.config.timeouts.commit_resolution_timeout;
+        let deadline = r.started + self.cfg.timeouts.commit_resolution_timeout;
         let xid32 = r.xid & 0xffff_ffff;
         let pid = r.pid;
         // The orphan: the backend that ran the transaction, only while it

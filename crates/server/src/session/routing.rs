@@ -43,16 +43,14 @@ impl Session {
     /// Whether the replica may serve this session's reads now.
     pub(super) fn freshness(&self) -> Freshness {
         let rep = &self.shared.replication;
-        if self.shared.config.routing.on_stale != OnStale::Replica
+        if self.cfg.routing.on_stale != OnStale::Replica
             && rep.stale(self.vars.max_staleness).is_some()
         {
             return Freshness::Stale;
         }
         let behind = match self.vars.read_your_writes {
             ReadYourWrites::Lsn => {
-                let lsn = if self.shared.config.routing.read_your_writes_scope
-                    == ReadYourWritesScope::Proxy
-                {
+                let lsn = if self.cfg.routing.read_your_writes_scope == ReadYourWritesScope::Proxy {
                     self.write_lsn.max(rep.written_lsn())
                 } else {
                     self.write_lsn
@@ -100,7 +98,7 @@ impl Session {
     pub(super) fn wants_xid(&self, class: &Class, t: Target) -> bool {
         use crate::config::CommitResolution;
         t == Target::Primary
-            && self.shared.config.timeouts.commit_resolution != CommitResolution::Off
+            && self.cfg.timeouts.commit_resolution != CommitResolution::Off
             && matches!(
                 class.kind,
                 StmtKind::Write | StmtKind::Pin | StmtKind::Unknown
@@ -177,8 +175,7 @@ impl Session {
         self.shared.stats.count_route(&decision);
         let fallback = self.bound.is_none() && self.tx.open.is_none();
         let rep = &self.shared.replication;
-        if decision.reason == Reason::Stale && self.shared.config.routing.on_stale == OnStale::Error
-        {
+        if decision.reason == Reason::Stale && self.cfg.routing.on_stale == OnStale::Error {
             if let Some(st) = rep.stale(self.vars.max_staleness) {
                 return Err(Error::StaleReplica(st, self.vars.max_staleness));
             }
@@ -205,7 +202,7 @@ impl Session {
             Err(e) => return Err(e),
         };
         if target == Target::Replica
-            && self.shared.config.routing.on_stale == OnStale::Replica
+            && self.cfg.routing.on_stale == OnStale::Replica
             && !class.kind.needs_primary()
         {
             if let Some(st) = self.shared.replication.stale(self.vars.max_staleness) {

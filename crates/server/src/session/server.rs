@@ -245,7 +245,7 @@ impl Session {
         if link_down {
             // Fail fast: a connect through a black-holed tunnel would only
             // wait out connect_timeout.
-            let bound = self.shared.config.monitor.heartbeat_timeout;
+            let bound = self.cfg.monitor.heartbeat_timeout;
             warn!("primary link down (heartbeat); refusing primary work at once");
             return Err(Error::PrimaryUnreachable(BackendError::LinkDown(bound)));
         }
@@ -327,14 +327,14 @@ impl Session {
         t: Target,
         generation: u64,
     ) -> Result<BackendConn, BackendError> {
-        let cfg = &self.shared.config;
+        let cfg = &self.cfg;
         let addr = match t {
             Target::Primary => self.shared.failover.addr_of(generation).ok_or_else(|| {
                 BackendError::NoPrimary(
                     "the primary the commit was sent to is no longer known".into(),
                 )
             })?,
-            Target::Replica => &cfg.replica,
+            Target::Replica => self.shared.config().replica.clone(),
         };
         let login = Login {
             user: self.user.backend_user(),

@@ -70,7 +70,7 @@ impl Session {
     /// then writes it there. False, with nothing changed that the general
     /// path depends on, for anything else.
     pub(super) fn steady_read(&mut self, block: &Bytes) -> bool {
-        if !self.steady() || block.len() > self.shared.config.routing.batch_buffer_bytes {
+        if !self.steady() || block.len() > self.cfg.routing.batch_buffer_bytes {
             return false;
         }
         let query = block.first() == Some(&tag::frontend::QUERY);
@@ -86,7 +86,7 @@ impl Session {
         if decision.choice != Choice::Replica || decision.reason != Reason::Read || decision.pin {
             return false;
         }
-        if self.shared.config.routing.on_stale == OnStale::Replica
+        if self.cfg.routing.on_stale == OnStale::Replica
             && self
                 .shared
                 .replication

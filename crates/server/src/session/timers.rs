@@ -175,8 +175,7 @@ impl Session {
             // An autocommit write or a COMMIT may commit even now: the
             // client waits (bounded) for the truth rather than a guess.
             b.resolving = true;
-            b.deadline =
-                Some(Instant::now() + self.shared.config.timeouts.commit_resolution_timeout);
+            b.deadline = Some(Instant::now() + self.cfg.timeouts.commit_resolution_timeout);
             return Ok(());
         }
         let cause = if b.resolving {

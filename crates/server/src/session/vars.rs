@@ -34,6 +34,24 @@ impl Vars {
             min_lsn: 0,
         }
     }
+
+    /// A reload changed the defaults: what still has the old default
+    /// (the session did not set it, or set it to that value) takes the new.
+    pub fn rebase(&mut self, old: &Config, new: &Config) {
+        let (o, n) = (&old.routing, &new.routing);
+        if self.read_your_writes == o.read_your_writes {
+            self.read_your_writes = n.read_your_writes;
+        }
+        if self.window == o.read_your_writes_window {
+            self.window = n.read_your_writes_window;
+        }
+        if self.max_staleness == o.max_replica_lag {
+            self.max_staleness = n.max_replica_lag;
+        }
+        if self.max_wait == o.max_wait_for_replica {
+            self.max_wait = n.max_wait_for_replica;
+        }
+    }
 }
 
 /// A statement about a `pgsplit.*` variable.
@@ -246,7 +264,7 @@ impl super::Session {
                 Err(e) => Err(refused(name, value, e)),
             },
             Command::Reset(name) => {
-                let cfg = self.shared.config.clone();
+                let cfg = self.cfg.clone();
                 match self.vars.reset(&name, &cfg) {
                     Ok(()) => Ok(Answer {
                         columns: Vec::new(),
@@ -259,7 +277,7 @@ impl super::Session {
             Command::Show(name) if name == "pools" => {
                 let mut rows = Vec::new();
                 for pools in [&self.shared.pools.primary, &self.shared.pools.replica] {
-                    let mode = match pools.settings.mode {
+                    let mode = match pools.mode {
                         crate::config::PoolMode::Transaction => "transaction",
                         crate::config::PoolMode::Session => "session",
                     };

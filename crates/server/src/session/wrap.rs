@@ -35,7 +35,7 @@ impl Session {
     pub(super) fn wraps(&self, kind: StmtKind, t: Target) -> bool {
         use crate::config::CommitResolution;
         t == Target::Primary
-            && self.shared.config.timeouts.commit_resolution == CommitResolution::All
+            && self.cfg.timeouts.commit_resolution == CommitResolution::All
             && kind == StmtKind::Write
             && self.tx.open.is_none()
             && self.bound.is_none()
