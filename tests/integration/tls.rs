@@ -3,6 +3,10 @@
 //! connects with `sslmode=require` and `verify-full`, a wrong CA and a
 //! wrong host name fail as they should, and `mode = "require"` refuses a
 //! plaintext login with 28000.
+//!
+//! TLS to the servers: the lab's servers with `ssl = on` and such a
+//! certificate; `sslmode` verify-full, verify-ca, require and prefer from
+//! pgsplit, with the server's `pg_stat_ssl` saying what was used.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,7 +41,17 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 fn certs() -> Certs {
-    let dir = std::env::temp_dir().join(format!("pgsplit-tls-{}", std::process::id()));
+    certs_for("DNS:localhost,IP:127.0.0.1")
+}
+
+/// As [`certs`], with the server certificate for `san` only.
+fn certs_for(san: &str) -> Certs {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "pgsplit-tls-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let ec = [
         "-newkey",
@@ -64,11 +78,7 @@ fn certs() -> Certs {
     ];
     args.extend(ec);
     openssl(&dir, &args);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("ext.cnf"), format!("subjectAltName={san}\n")).unwrap();
     openssl(
         &dir,
         &[
@@ -213,4 +223,149 @@ async fn a_missing_or_mismatched_certificate_stops_the_start_naming_the_file() {
     let e = tokio::task::block_in_place(|| s.restart_proxy(&["tls.mode=require".into()]))
         .expect_err("require without a certificate");
     assert!(chain(&e).contains("tls.mode"), "{}", chain(&e));
+}
+
+/// The lab's servers with `ssl = on` and the certificate of `c` (the key
+/// made readable to the servers' account only, as PostgreSQL demands).
+fn ssl_servers(c: &Certs, set: Vec<String>) -> Stack {
+    let (crt, key) = (c.dir.join("server.crt"), c.dir.join("server.key"));
+    let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    if root {
+        let ok = Command::new("chown")
+            .args(["postgres", key.to_str().unwrap(), crt.to_str().unwrap()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "chown postgres");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut opts = StackOptions {
+        set,
+        ..Default::default()
+    };
+    opts.lab.extra_conf = vec![
+        ("ssl".into(), "on".into()),
+        ("ssl_cert_file".into(), crt.display().to_string()),
+        ("ssl_key_file".into(), key.display().to_string()),
+    ];
+    stack_with(opts)
+}
+
+fn server_tls(which: &str, mode: &str, root: Option<&Path>) -> Vec<String> {
+    let mut v = vec![format!("{which}.sslmode={mode}")];
+    if let Some(r) = root {
+        v.push(format!("{which}.sslrootcert={}", r.display()));
+    }
+    v
+}
+
+/// Whether the server connection that answers `sql` (a read, or a write
+/// when `primary`) uses TLS, from the server's own `pg_stat_ssl`.
+async fn server_side_ssl(c: &tokio_postgres::Client, primary: bool) -> String {
+    let hint = if primary {
+        "/* pgsplit:primary */ "
+    } else {
+        ""
+    };
+    let q = format!("{hint}SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()");
+    text_rows(c.simple_query(&q).await.unwrap())[0][0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_to_both_servers_against_the_lab_ca() {
+    let c = certs();
+    let ca = c.dir.join("ca.crt");
+    let mut set = server_tls("primary", "verify-full", Some(&ca));
+    set.extend(server_tls("replica", "verify-full", Some(&ca)));
+    let s = ssl_servers(&c, set);
+    let app = client(&s).await;
+    app.batch_execute("CREATE TABLE st (x int); INSERT INTO st VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(server_side_ssl(&app, true).await, "true");
+    back_on_replica(&s, &app).await;
+    assert_eq!(server_side_ssl(&app, false).await, "true");
+    // disable (the default) is plaintext, to a server that offers TLS.
+    let mut s = s;
+    s.restart_proxy(&server_tls("primary", "disable", None))
+        .unwrap();
+    let app = client(&s).await;
+    assert_eq!(server_side_ssl(&app, true).await, "false");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_fails_verification_is_08001_naming_the_reason() {
+    // A server certificate for another name than the address dialled.
+    let c = certs_for("DNS:db.example");
+    let (ca, other) = (c.dir.join("ca.crt"), c.dir.join("other-ca.crt"));
+    let mut s = ssl_servers(&c, server_tls("primary", "verify-full", Some(&ca)));
+    let write = |s: &Stack| {
+        let s = s.proxy_addr();
+        async move {
+            let app = connect(&format!(
+                "host={} port={} user=app password=app dbname=app",
+                s.ip(),
+                s.port()
+            ))
+            .await
+            .unwrap();
+            app.batch_execute("CREATE TABLE IF NOT EXISTS sv (x int)")
+                .await
+                .map(|_| ())
+        }
+    };
+    let e = write(&s).await.unwrap_err();
+    assert_eq!(code(&e), "08001", "{e:?}");
+    let msg = said(&e);
+    assert!(
+        msg.contains("TLS") && msg.contains("not valid for name"),
+        "{msg}"
+    );
+    // verify-ca checks the chain only; require with a root file is verify-ca.
+    for mode in ["verify-ca", "require"] {
+        s.restart_proxy(&server_tls("primary", mode, Some(&ca)))
+            .unwrap();
+        write(&s).await.unwrap_or_else(|e| panic!("{mode}: {e:?}"));
+    }
+    // A CA that did not sign it: refused, whatever the name.
+    s.restart_proxy(&server_tls("primary", "verify-ca", Some(&other)))
+        .unwrap();
+    let e = write(&s).await.unwrap_err();
+    assert_eq!(code(&e), "08001", "{e:?}");
+    let msg = said(&e);
+    // (Both test CAs have one name: the signature is what fails.)
+    assert!(msg.contains("invalid peer certificate"), "{msg}");
+    // require without a root file: encrypted, not verified (libpq's rule).
+    s.restart_proxy(&server_tls("primary", "require", None))
+        .unwrap();
+    write(&s).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefer_falls_back_to_plaintext_and_require_does_not() {
+    let mut s = stack();
+    s.restart_proxy(&server_tls("primary", "prefer", None))
+        .unwrap();
+    let app = client(&s).await;
+    app.batch_execute("CREATE TABLE pf (x int)").await.unwrap();
+    assert_eq!(server_side_ssl(&app, true).await, "false");
+    s.restart_proxy(&server_tls("primary", "require", None))
+        .unwrap();
+    let app = client(&s).await;
+    let e = app
+        .batch_execute("INSERT INTO pf VALUES (1)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "08001", "{e:?}");
+    let msg = said(&e);
+    assert!(msg.contains("does not support TLS"), "{msg}");
+    // Reads go on from the replica.
+    app.simple_query("SELECT 1").await.unwrap();
+}
+
+/// The error's message and hint (where the cause is named).
+fn said(e: &tokio_postgres::Error) -> String {
+    let d = e.as_db_error().expect("a server error");
+    format!("{} ({})", d.message(), d.hint().unwrap_or_default())
 }

@@ -14,6 +14,7 @@ use pgsplit_protocol::{encode, frame, tag, ProtoError};
 use pgsplit_router::Target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::config::{BackendAddr, SslMode};
 use crate::stream::{Endpoint, Stream};
 
 /// Backend messages during login are small; anything bigger is a broken peer.
@@ -38,6 +39,9 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+    /// TLS was asked for (`sslmode`) and could not be had or verified.
+    #[error("TLS to {addr}: {reason}")]
+    Tls { addr: String, reason: String },
     #[error("timed out after {0:?} connecting to the server")]
     Timeout(Duration),
     /// No primary candidate takes writes now (several primary candidates
@@ -109,22 +113,21 @@ impl BackendConn {
     /// A [`BackendError`] saying which step failed.
     pub async fn connect(
         target: Target,
-        host: &str,
-        port: u16,
+        addr: &BackendAddr,
         login: &Login<'_>,
         timeout: Duration,
     ) -> Result<BackendConn, BackendError> {
-        tokio::time::timeout(timeout, Self::connect_inner(target, host, port, login))
+        tokio::time::timeout(timeout, Self::connect_inner(target, addr, login))
             .await
             .map_err(|_| BackendError::Timeout(timeout))?
     }
 
     async fn connect_inner(
         target: Target,
-        host: &str,
-        port: u16,
+        addr: &BackendAddr,
         login: &Login<'_>,
     ) -> Result<BackendConn, BackendError> {
+        let (host, port) = (addr.host.as_str(), addr.port);
         let endpoint =
             Endpoint::resolve(host, port)
                 .await
@@ -132,13 +135,32 @@ impl BackendConn {
                     addr: format!("{host}:{port}"),
                     source,
                 })?;
-        let stream = endpoint
+        let mut stream = endpoint
             .connect()
             .await
             .map_err(|source| BackendError::Connect {
                 addr: endpoint.to_string(),
                 source,
             })?;
+        if addr.sslmode != SslMode::Disable {
+            // A unix socket ignores sslmode, as in libpq.
+            if let Stream::Tcp(tcp) = stream {
+                stream = match crate::backend_tls::start(
+                    tcp,
+                    host,
+                    addr.sslmode,
+                    addr.sslrootcert.as_deref(),
+                )
+                .await
+                .map_err(|reason| BackendError::Tls {
+                    addr: endpoint.to_string(),
+                    reason,
+                })? {
+                    Ok(tls) => Stream::Tls(tls),
+                    Err(plain) => Stream::Tcp(plain),
+                };
+            }
+        }
         let mut conn = BackendConn {
             stream,
             rbuf: BytesMut::with_capacity(16 * 1024),
@@ -165,7 +187,7 @@ impl BackendConn {
             }
         }
         encode::startup_message(&mut w, &params);
-        self.stream.write_all(&w).await?;
+        self.send(&w).await?;
         let mut scram: Option<ScramClient> = None;
         loop {
             let f = self.read_login_frame().await?;
@@ -218,7 +240,7 @@ impl BackendConn {
                         }
                         Auth::Unsupported(code) => return Err(BackendError::UnsupportedAuth(code)),
                     }
-                    self.stream.write_all(&w).await?;
+                    self.send(&w).await?;
                 }
                 tag::backend::PARAMETER_STATUS => {
                     let (k, v) = msg::parameter_status(f.body())?;
@@ -297,7 +319,7 @@ impl BackendConn {
     ) -> Result<Result<Vec<Option<String>>, (String, String)>, BackendError> {
         let mut w = BytesMut::new();
         encode::query(&mut w, sql);
-        self.stream.write_all(&w).await?;
+        self.send(&w).await?;
         let mut value = None;
         let mut err = None;
         loop {
@@ -388,7 +410,13 @@ impl BackendConn {
     pub async fn terminate(mut self) {
         let mut w = BytesMut::new();
         encode::terminate(&mut w);
-        let _ = tokio::time::timeout(Duration::from_millis(100), self.stream.write_all(&w)).await;
+        let _ = tokio::time::timeout(Duration::from_millis(100), self.send(&w)).await;
+    }
+
+    /// Writes and flushes (TLS keeps records until flushed).
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -67,11 +67,15 @@ impl Default for Config {
                 host: "127.0.0.1".into(),
                 port: 5433,
                 hosts: Vec::new(),
+                sslmode: SslMode::Disable,
+                sslrootcert: None,
             },
             replica: BackendAddr {
                 host: "127.0.0.1".into(),
                 port: 5432,
                 hosts: Vec::new(),
+                sslmode: SslMode::Disable,
+                sslrootcert: None,
             },
             max_message_bytes: pgsplit_protocol::DEFAULT_MAX_MESSAGE_BYTES,
             max_client_connections: 1000,
@@ -98,9 +102,56 @@ pub struct BackendAddr {
     /// [`failover`](crate::failover).
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// TLS to this server (`disable`, the default: the tunnel already
+    /// encrypts, and `prefer` would cost an SSLRequest round trip per
+    /// connect). Ignored for a unix-socket host, as libpq does.
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// CA certificates (PEM) to verify the server with. As in libpq,
+    /// `require` with a root certificate file given verifies the chain
+    /// (acts as `verify-ca`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<PathBuf>,
+}
+
+/// `sslmode` to a server, with libpq's names and meanings (minus `allow`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    #[default]
+    Disable,
+    /// TLS when the server offers it, else plaintext; not verified.
+    Prefer,
+    /// TLS or no connection; verified only when `sslrootcert` is given.
+    Require,
+    /// TLS with the chain verified against `sslrootcert`.
+    VerifyCa,
+    /// As `verify-ca`, and the host name (or IP) must match the certificate.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// From a URL's `sslmode` parameter.
+    pub fn parse(s: &str) -> Option<SslMode> {
+        Some(match s {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
 }
 
 impl BackendAddr {
+    /// The TLS settings of `other` (a candidate parsed from `hosts` takes
+    /// its section's).
+    pub fn with_tls_of(mut self, other: &BackendAddr) -> BackendAddr {
+        self.sslmode = other.sslmode;
+        self.sslrootcert.clone_from(&other.sslrootcert);
+        self
+    }
     /// `"host:port"` (a bracketed IPv6 address, a bare host for port 5432,
     /// or a unix socket directory, which takes port 5432 unless given
     /// after a colon).
@@ -135,6 +186,8 @@ impl BackendAddr {
             host: host.to_owned(),
             port,
             hosts: Vec::new(),
+            sslmode: SslMode::Disable,
+            sslrootcert: None,
         })
     }
 }
@@ -742,6 +795,7 @@ impl Config {
             .hosts
             .iter()
             .filter_map(|h| BackendAddr::parse(h).ok())
+            .map(|a| a.with_tls_of(&self.primary))
             .collect()
     }
 
@@ -795,6 +849,9 @@ impl Config {
                     "port".into(),
                     toml::Value::Integer(i64::from(url.addr.port)),
                 );
+                for (k, v) in url.tls {
+                    t.insert(k.into(), toml::Value::String(v));
+                }
                 if !url.hosts.is_empty() {
                     t.insert(
                         "hosts".into(),
@@ -923,6 +980,16 @@ impl Config {
                 "tls.mode",
                 "allow and require need tls.cert and tls.key",
             ));
+        }
+        for (section, a) in [("primary", &self.primary), ("replica", &self.replica)] {
+            if matches!(a.sslmode, SslMode::VerifyCa | SslMode::VerifyFull)
+                && a.sslrootcert.is_none()
+            {
+                return Err(invalid(
+                    &format!("{section}.sslrootcert"),
+                    "sslmode verify-ca and verify-full need the CA certificate to verify with",
+                ));
+            }
         }
         if !self.replica.hosts.is_empty() {
             return Err(invalid(
@@ -1130,6 +1197,8 @@ struct BackendUrl {
     hosts: Vec<String>,
     user: Option<String>,
     password: Option<String>,
+    /// `sslmode` and `sslrootcert` parameters.
+    tls: Vec<(&'static str, String)>,
 }
 
 fn parse_url(s: &str, which: &'static str) -> Result<BackendUrl, ConfigError> {
@@ -1172,15 +1241,33 @@ fn parse_url(s: &str, which: &'static str) -> Result<BackendUrl, ConfigError> {
     for h in &hosts {
         BackendAddr::parse(h).map_err(|e| bad(&e))?;
     }
+    let mut tls = Vec::new();
+    for (k, v) in url.query_pairs() {
+        match &*k {
+            "sslmode" => {
+                if SslMode::parse(&v).is_none() {
+                    return Err(bad(&format!(
+                        "sslmode {v:?}: use disable, prefer, require, verify-ca or verify-full"
+                    )));
+                }
+                tls.push(("sslmode", v.into_owned()));
+            }
+            "sslrootcert" => tls.push(("sslrootcert", v.into_owned())),
+            _ => {}
+        }
+    }
     Ok(BackendUrl {
         hosts,
         addr: BackendAddr {
             host,
             port: url.port().unwrap_or(5432),
             hosts: Vec::new(),
+            sslmode: SslMode::Disable,
+            sslrootcert: None,
         },
         user,
         password,
+        tls,
     })
 }
 
@@ -1195,6 +1282,47 @@ mod tests {
         assert_eq!(c.replica.port, 5432);
         assert_eq!(c.primary.port, 5433);
         assert_eq!(c.timeouts.connect_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn sslmode_comes_from_the_url_or_the_section_and_verify_needs_a_root() {
+        let o = Overrides {
+            primary_url: Some(
+                "postgres://a:b@db.example:5433/app?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+                    .into(),
+            ),
+            ..Default::default()
+        };
+        let c = Config::from_toml("", &o).unwrap();
+        assert_eq!(c.primary.sslmode, SslMode::VerifyFull);
+        assert_eq!(
+            c.primary.sslrootcert.as_deref(),
+            Some(Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(c.replica.sslmode, SslMode::Disable, "the default");
+        // Candidates carry their section's TLS settings.
+        let c = Config::from_toml(
+            "[primary]\nhosts = [\"a:1\", \"b:2\"]\nsslmode = \"require\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(c
+            .primary_candidates()
+            .iter()
+            .all(|a| a.sslmode == SslMode::Require));
+        let e = Config::from_toml(
+            "[replica]\nsslmode = \"verify-ca\"\n",
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("replica.sslrootcert"), "{e}");
+        let bad = Overrides {
+            replica_url: Some("postgres://a@h/d?sslmode=allow".into()),
+            ..Default::default()
+        };
+        let e = Config::from_toml("", &bad).unwrap_err().to_string();
+        assert!(e.contains("sslmode"), "{e}");
     }
 
     #[test]

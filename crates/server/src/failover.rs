@@ -694,6 +694,8 @@ mod tests {
             host: "127.0.0.1".into(),
             port: p,
             hosts: Vec::new(),
+            sslmode: crate::config::SslMode::Disable,
+            sslrootcert: None,
         };
         let c = Candidates::new(vec![addr(1), addr(2)]);
         assert!(c.current().is_err());

@@ -21,6 +21,7 @@
 mod admin;
 pub mod auth;
 pub mod backend;
+pub mod backend_tls;
 pub mod cancel;
 pub mod clients;
 pub mod config;
@@ -89,6 +90,8 @@ impl Shared {
     /// The load error; the old configuration stays in force.
     pub fn reload(&self) -> Result<reload::Report, String> {
         self.live.reload(|old, new| {
+            // Root certificates are read again at the next connect.
+            backend_tls::forget();
             self.pools.apply(new);
             self.failover.reconfigure(old, new);
             if old.replica != new.replica {

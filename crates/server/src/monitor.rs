@@ -356,7 +356,7 @@ async fn poll_once(
         (bound, bound)
     };
     if conn.is_none() {
-        match BackendConn::connect(t, &addr.host, addr.port, login, bound).await {
+        match BackendConn::connect(t, addr, login, bound).await {
             Ok(c) => *conn = Some(c),
             Err(e @ crate::backend::BackendError::Refused { .. }) => {
                 warn!(target = ?t, cause = %e, "the server refused the monitor's login");

@@ -1,6 +1,10 @@
 //! A backend socket: TCP, or a unix-domain socket for a server on the same
 //! machine (the local replica), which skips the TCP stack on every message.
-//! A host that starts with `/` is a socket directory, as in libpq.
+//! A host that starts with `/` is a socket directory, as in libpq. TCP may
+//! carry TLS (`sslmode`, see `backend_tls`): its `try_*` calls poll the TLS
+//! stream once with a no-op waker, so the session's readiness loop drives
+//! it like a socket; TLS records left unwritten are pushed by
+//! [`Stream::try_flush`].
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -90,6 +94,18 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Watched for reads only (see `unix`).
     Unix(UnixConn),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Polls once without waiting: `Pending` is `WouldBlock`. The socket's
+/// readiness is cleared by the attempt, so the session's `writable()` /
+/// `readable()` waits for the next change, as after a `try_write`.
+fn now<T>(f: impl FnOnce(&mut Context<'_>) -> Poll<io::Result<T>>) -> io::Result<T> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match f(&mut cx) {
+        Poll::Ready(r) => r,
+        Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+    }
 }
 
 impl Stream {
@@ -101,6 +117,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.writable().await,
             Stream::Unix(s) => s.writable().await,
+            Stream::Tls(s) => s.get_ref().0.writable().await,
         }
     }
 
@@ -112,6 +129,9 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.readable().await,
             Stream::Unix(s) => s.readable().await,
+            // Plaintext already decrypted and not yet read: ready now.
+            Stream::Tls(s) if !s.get_ref().1.wants_read() => Ok(()),
+            Stream::Tls(s) => s.get_ref().0.readable().await,
         }
     }
 
@@ -119,12 +139,25 @@ impl Stream {
     ///
     /// # Errors
     /// As `try_write_vectored` of the socket.
-    pub fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    pub fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         // One slice is a plain `send`, cheaper in the kernel than `writev`.
         match (self, bufs) {
             (Stream::Tcp(s), [one]) => s.try_write(one),
             (Stream::Tcp(s), _) => s.try_write_vectored(bufs),
             (Stream::Unix(s), _) => s.try_write_vectored(bufs),
+            (Stream::Tls(s), _) => now(|cx| Pin::new(&mut **s).poll_write_vectored(cx, bufs)),
+        }
+    }
+
+    /// Pushes TLS records written but not yet sent (`WouldBlock` while
+    /// some remain); nothing to do for a plain socket.
+    ///
+    /// # Errors
+    /// As the socket's write.
+    pub fn try_flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tls(s) => now(|cx| Pin::new(&mut **s).poll_flush(cx)),
+            _ => Ok(()),
         }
     }
 
@@ -132,10 +165,17 @@ impl Stream {
     ///
     /// # Errors
     /// As `try_read_buf` of the socket.
-    pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+    pub fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.try_read_buf(buf),
             Stream::Unix(s) => s.try_read_buf(buf),
+            Stream::Tls(s) => {
+                let mut chunk = [0u8; 16 * 1024];
+                let mut rb = ReadBuf::new(&mut chunk);
+                now(|cx| Pin::new(&mut **s).poll_read(cx, &mut rb))?;
+                buf.extend_from_slice(rb.filled());
+                Ok(rb.filled().len())
+            }
         }
     }
 
@@ -144,8 +184,10 @@ impl Stream {
     /// be registered with another worker's runtime, which has not
     /// necessarily seen the reset yet.
     pub fn peer_gone(&self) -> bool {
-        let Stream::Tcp(s) = self else {
-            return false;
+        let s = match self {
+            Stream::Tcp(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+            Stream::Unix(_) => return false,
         };
         let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         match socket2::SockRef::from(s).peek(&mut byte) {
@@ -165,6 +207,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -178,6 +221,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
@@ -189,6 +233,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -200,6 +245,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
 
@@ -207,6 +253,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }

@@ -24,6 +24,12 @@ const SHIPPED: &str = include_str!("../../../proxy.toml");
 const EVERYTHING_SET: &str = r#"
 [primary]
 hosts = ["10.0.0.1:5433", "10.0.0.2:5433"]
+sslmode = "verify-full"
+sslrootcert = "/etc/ca.pem"
+
+[replica]
+sslmode = "require"
+sslrootcert = "/etc/ca.pem"
 
 [timeouts.primary]
 connect_timeout = "10s"

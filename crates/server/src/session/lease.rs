@@ -99,10 +99,9 @@ pub(crate) async fn checkout(
                     params,
                 };
                 let tm = cfg.timeouts.for_target(t == Target::Primary);
-                let conn =
-                    BackendConn::connect(t, &addr.host, addr.port, &login, tm.connect_timeout)
-                        .await
-                        .map_err(LeaseError::Connect)?;
+                let conn = BackendConn::connect(t, &addr, &login, tm.connect_timeout)
+                    .await
+                    .map_err(LeaseError::Connect)?;
                 let mut b = Box::new(Backend::new(conn, tm));
                 b.lease = Some(lease);
                 b.generation = generation;
@@ -361,9 +360,7 @@ pub(crate) async fn maintain(
                     let Some(lease) = pools.reserve_for_idle(id) else {
                         break;
                     };
-                    match BackendConn::connect(t, &addr.host, addr.port, &login, tm.connect_timeout)
-                        .await
-                    {
+                    match BackendConn::connect(t, &addr, &login, tm.connect_timeout).await {
                         Ok(conn) => {
                             let mut b = Box::new(Backend::new(conn, tm));
                             b.lease = Some(lease);

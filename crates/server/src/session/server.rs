@@ -344,8 +344,7 @@ impl Session {
         };
         BackendConn::connect(
             t,
-            &addr.host,
-            addr.port,
+            &addr,
             &login,
             cfg.timeouts
                 .for_target(t == Target::Primary)
@@ -467,13 +466,22 @@ impl Session {
     pub(super) async fn send_raw(&mut self, t: Target, frames: &[Bytes]) -> Result<(), Error> {
         self.arm(t);
         let mut todo = Chunks::new(frames);
-        while !todo.is_done() {
+        loop {
             let Some(b) = self.backends[idx(t)].as_mut() else {
                 return Ok(()); // lost while relaying; already answered
             };
-            let mut slices = vectored::slice_array();
-            let n = todo.slices(&mut slices);
-            match b.conn.stream.try_write_vectored(&slices[..n]) {
+            let res = if todo.is_done() {
+                // All taken; TLS may still hold records to send.
+                match b.conn.stream.try_flush() {
+                    Ok(()) => break,
+                    Err(e) => Err(e),
+                }
+            } else {
+                let mut slices = vectored::slice_array();
+                let n = todo.slices(&mut slices);
+                b.conn.stream.try_write_vectored(&slices[..n])
+            };
+            match res {
                 Ok(written) => {
                     todo.advance(written);
                     continue;
