@@ -220,8 +220,14 @@ pub fn run_interactive(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), LabError> {
     eprintln!("pgsplit lab: starting a primary and a streaming replica…");
+    // The admin endpoint on its documented port when that is free.
+    let mut set = Vec::new();
+    if std::net::TcpListener::bind("127.0.0.1:9930").is_ok() {
+        set.push("admin.listen=127.0.0.1:9930".to_owned());
+    }
     let stack = Stack::start(StackOptions {
         listen,
+        set,
         ..Default::default()
     })?;
     let c = stack.cluster();
@@ -244,7 +250,15 @@ pub fn run_interactive(
     println!("  DATABASE_URL={url}");
     println!();
     println!("  psql \"{url}\" -c 'SELECT inet_server_port()'     # a read: the replica's port");
-    println!("  psql \"{url}\" -c 'CREATE TABLE t (x int); INSERT INTO t VALUES (1)'");
+    println!(
+        "  psql \"{url}\" -c 'CREATE TABLE t (x int); INSERT INTO t VALUES (1)' -c 'SHOW pgsplit.last_route'"
+    );
+    println!(
+        "  psql \"postgres://{}:{}@{}/pgsplit\" -c 'SHOW POOLS'   # the console",
+        stack.options().lab.user,
+        stack.options().lab.password,
+        stack.proxy_addr()
+    );
     println!("  pgbench -i \"{url}\" && pgbench -S -c 4 -T 10 \"{url}\"");
     println!();
     println!(
@@ -260,6 +274,12 @@ pub fn run_interactive(
         })?;
     rt.block_on(shutdown);
     eprintln!("pgsplit lab: stopping…");
+    let dir = stack.cluster().dir().to_path_buf();
     drop(stack);
+    eprintln!(
+        "pgsplit lab: stopped; {} removed (the cached template cluster in {} stays, to start the next lab in a second)",
+        dir.display(),
+        dir.parent().map_or_else(String::new, |p| p.display().to_string())
+    );
     Ok(())
 }

@@ -18,8 +18,23 @@ use pgsplit_server::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Log lines as `text` (the default) or `json` (one object per line,
+    /// with the client's conn_id, user, db and peer); also PGSPLIT_LOG_FORMAT.
+    #[arg(
+        long,
+        global = true,
+        env = "PGSPLIT_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(flatten)]
     run: RunArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args, Clone, Default)]
@@ -51,6 +66,7 @@ struct RunArgs {
 enum Command {
     /// Start a local primary + streaming replica from the installed
     /// PostgreSQL binaries, with pgsplit in front of them.
+    #[cfg(feature = "lab")]
     Lab {
         /// Address for pgsplit to listen on.
         #[arg(long, default_value = "127.0.0.1:6432")]
@@ -60,16 +76,25 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PGSPLIT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_target(false)
-        // Colours on a terminal only: a log file or journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGSPLIT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match cli.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_target(false)
+            // Colours on a terminal only: a log file or journal gets plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_target(false)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
     match cli.command {
+        #[cfg(feature = "lab")]
         Some(Command::Lab { listen }) => lab(listen),
         None => run(cli.run),
     }
@@ -214,6 +239,7 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+#[cfg(feature = "lab")]
 fn lab(listen: std::net::SocketAddr) -> ExitCode {
     match pgsplit_lab::stack::run_interactive(listen, shutdown_signal()) {
         Ok(()) => ExitCode::SUCCESS,

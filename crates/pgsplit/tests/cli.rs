@@ -148,6 +148,7 @@ struct Running {
     port: u16,
     lab: pgsplit_lab::Cluster,
     psql: std::path::PathBuf,
+    log: Option<std::sync::mpsc::Receiver<String>>,
 }
 
 fn run_on_lab() -> Running {
@@ -184,6 +185,7 @@ fn run_on_lab_with(extra: &[&str]) -> Running {
         port: 0,
         lab,
         psql,
+        log: None,
     };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -199,15 +201,18 @@ fn run_on_lab_with(extra: &[&str]) -> Running {
             panic!("pgsplit never said where it listens; its log: {seen:?}");
         };
         if line.contains("pgsplit listening") {
+            // Text (`addr=…`) or JSON (`"addr":"…"`).
             let addr = line
                 .split_whitespace()
                 .find_map(|w| w.strip_prefix("addr="))
-                .expect("addr= in the line");
+                .or_else(|| line.split("\"addr\":\"").nth(1)?.split('"').next())
+                .expect("addr in the line");
             break addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
         }
         seen.push(line);
     };
-    // The log goes on draining in its thread.
+    // The log goes on draining in its thread, kept for tests that read it.
+    r.log = Some(rx);
     r
 }
 
@@ -403,4 +408,30 @@ fn sighup_reloads_while_a_session_stays_inside_a_block() {
         "2"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn json_logs_carry_the_clients_span() {
+    let p = run_on_lab_with(&["--log-format", "json"]);
+    let out = p.psql("SELECT 1;\n").wait_with_output().unwrap();
+    assert!(out.status.success());
+    let log = p.log.as_ref().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = log.recv_timeout(left).expect("a session started line");
+        if line.contains("session started") {
+            break line;
+        }
+    };
+    // One JSON object, with the client's span: conn id, peer, user, db.
+    assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
+    for field in [
+        "\"conn_id\":",
+        "\"peer\":\"127.0.0.1:",
+        "\"user\":\"app\"",
+        "\"db\":\"app\"",
+    ] {
+        assert!(line.contains(field), "{field} missing: {line}");
+    }
 }

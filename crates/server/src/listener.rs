@@ -95,7 +95,13 @@ pub(crate) async fn worker_loop(
         };
         let shared = shared.clone();
         let token = shutdown.clone();
-        let span = info_span!("client", conn_id = acc.conn_id, peer = %acc.peer);
+        let span = info_span!(
+            "client",
+            conn_id = acc.conn_id,
+            peer = %acc.peer,
+            user = tracing::field::Empty,
+            db = tracing::field::Empty
+        );
         let permit = acc.permit;
         let (peer, id) = (acc.peer, acc.conn_id);
         tracker.spawn(async move {
@@ -130,10 +136,10 @@ impl Drop for Connected {
     }
 }
 
-/// One client connection: the handshake inside the connection's span,
-/// then the session. The session's relay loop runs outside the span (a
-/// span entered on every poll costs more than the relay itself); its
-/// events are rare and carry the connection's id.
+/// One client connection, inside its span (`conn_id`, `peer`, and once
+/// logged in `user` and `db`), so every line a session logs says whose it
+/// is. Entering a span on each poll costs tens of nanoseconds, against
+/// tens of microseconds per relayed statement.
 async fn handle(
     tcp: TcpStream,
     shared: Arc<Shared>,
@@ -197,7 +203,9 @@ async fn handle(
         key_pid: cancel.pid,
     });
     let Some((first, pools)) = first else {
-        span.in_scope(|| info!(user = %user.name, "console session started"));
+        span.record("user", user.name.as_str());
+        span.record("db", "pgsplit");
+        span.in_scope(|| info!("console session started"));
         crate::console::run(
             stream,
             buf,
@@ -226,7 +234,9 @@ async fn handle(
     if send(&mut stream, &out).await.is_err() {
         return;
     }
-    span.in_scope(|| info!(user = %user.name, db = %database, "session started"));
+    span.record("user", user.name.as_str());
+    span.record("db", database.as_str());
+    span.in_scope(|| info!("session started"));
     let session = Session::new(
         shared,
         stream,
@@ -240,7 +250,7 @@ async fn handle(
         shutdown,
         entry.kill.clone(),
     );
-    let res = session.run().await;
+    let res = session.run().instrument(span.clone()).await;
     drop(entry);
     span.in_scope(|| match res {
         Ok(()) => debug!("session ended"),
