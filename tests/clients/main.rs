@@ -2,7 +2,7 @@
 //! one test per language (see `tests/clients/README.md`).
 //!
 //! Each test runs `tests/clients/<lang>/setup`, starts its own lab stack,
-//! then runs `tests/clients/<lang>/run` in one of three setups ([`Mode`]):
+//! then runs `tests/clients/<lang>/run` in one of four setups ([`Mode`]):
 //! - transaction pooling on pools of two connections (`python`, `node`,
 //!   `java`, `cli`) and session pooling (`…_session_mode`), each with
 //!   read-your-writes routing off and replication made synchronous (a
@@ -13,7 +13,11 @@
 //!   replaying a second late, and pgsplit's defaults but for
 //!   `read_your_writes_scope = "proxy"` (the cases check their writes from
 //!   new connections, as connect-per-request apps do). A read may then run
-//!   on the primary; what each client reads of its writes is checked.
+//!   on the primary; what each client reads of its writes is checked;
+//! - over TLS (`python_tls`, `java_tls`): as the first, with pgsplit given
+//!   a certificate from a test CA and the URL asking for
+//!   `sslmode=verify-full` against it, so psycopg, asyncpg and pgjdbc run
+//!   every case through TLS, and a certificate from another CA is refused.
 //!
 //! Their
 //! output is streamed as it comes and repeated in the failure message. A
@@ -28,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use pgsplit_lab::certs::Certs;
 use pgsplit_lab::stack::{Stack, StackOptions};
 use pgsplit_lab::Which;
 
@@ -65,6 +70,10 @@ enum Mode {
     SessionPool,
     /// Asynchronous replication, the replica `LAG` behind.
     Lag,
+    /// As `SmallPool`, with the clients reaching pgsplit over TLS: the URL
+    /// asks for `sslmode=verify-full` against the test CA
+    /// (`PGSPLIT_TLS_CA`; `PGSPLIT_TLS_OTHER_CA` signed nothing).
+    Tls,
 }
 
 /// The replica's `recovery_min_apply_delay` in `Mode::Lag`.
@@ -112,6 +121,16 @@ fn java_session_mode() {
 #[test]
 fn cli_session_mode() {
     language("cli", Mode::SessionPool);
+}
+
+#[test]
+fn python_tls() {
+    language("python", Mode::Tls);
+}
+
+#[test]
+fn java_tls() {
+    language("java", Mode::Tls);
 }
 
 #[test]
@@ -172,9 +191,9 @@ fn language(lang: &str, mode: Mode) {
 
     let mut opts = StackOptions::default();
     match mode {
-        Mode::SmallPool | Mode::SessionPool => {
+        Mode::SmallPool | Mode::SessionPool | Mode::Tls => {
             opts.set = vec![READ_YOUR_WRITES_OFF.to_owned(), WRAPPED_WRITES.to_owned()];
-            opts.set.push(if mode == Mode::SmallPool {
+            opts.set.push(if mode != Mode::SessionPool {
                 "pool.size=2".to_owned()
             } else {
                 "pool.mode=\"session\"".to_owned()
@@ -202,14 +221,33 @@ fn language(lang: &str, mode: Mode) {
             SHORT_PGBENCH_SECONDS.to_owned(),
         ));
     }
+    // TLS: "allow", so what builds its own connection (Django's settings)
+    // may still come in plaintext; the URL's clients verify the server.
+    let certs = (mode == Mode::Tls).then(|| Certs::make("DNS:localhost,IP:127.0.0.1"));
+    if let Some(c) = &certs {
+        opts.set.extend(c.proxy_set(Some("allow")));
+        env.push(("PGSPLIT_TLS_CA".to_owned(), c.ca().display().to_string()));
+        env.push((
+            "PGSPLIT_TLS_OTHER_CA".to_owned(),
+            c.other_ca().display().to_string(),
+        ));
+    }
     let stack = Stack::start(opts).expect("lab stack starts");
     if mode != Mode::Lag {
         make_synchronous(&stack);
     }
     let lab = &stack.options().lab;
     let primary = stack.cluster().primary_addr();
+    let url = match &certs {
+        Some(c) => format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            stack.url(),
+            encode(&c.ca().display().to_string())
+        ),
+        None => stack.url(),
+    };
     env.extend([
-        ("PGSPLIT_URL".to_owned(), stack.url()),
+        ("PGSPLIT_URL".to_owned(), url),
         (
             "PGSPLIT_PRIMARY_PORT".to_owned(),
             primary.port().to_string(),
@@ -234,6 +272,7 @@ fn language(lang: &str, mode: Mode) {
     }
     step(lang, "run", cmd, &env, RUN_TIMEOUT);
     drop(stack);
+    drop(certs);
 }
 
 /// Commits wait until the replica has applied them, for the rest of the

@@ -8,110 +8,26 @@
 //! certificate; `sslmode` verify-full, verify-ca, require and prefer from
 //! pgsplit, with the server's `pg_stat_ssl` saying what was used.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use pgsplit_lab::stack::{Stack, StackOptions};
 
 use crate::common::*;
 
-/// A directory of PEM files: `ca.crt`, `server.crt`, `server.key`, and a
-/// second, unrelated `other-ca.crt`.
-struct Certs {
-    dir: PathBuf,
-}
-
-impl Drop for Certs {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use pgsplit_lab::certs::Certs;
 
 fn certs() -> Certs {
-    certs_for("DNS:localhost,IP:127.0.0.1")
+    Certs::make("DNS:localhost,IP:127.0.0.1")
 }
 
-/// As [`certs`], with the server certificate for `san` only.
 fn certs_for(san: &str) -> Certs {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "pgsplit-tls-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    for ca in ["ca", "other-ca"] {
-        let (key, crt) = (format!("{ca}.key"), format!("{ca}.crt"));
-        let mut args = vec!["req", "-x509", "-days", "2", "-subj", "/CN=pgsplit test CA"];
-        args.extend(ec);
-        args.extend(["-keyout", &key, "-out", &crt]);
-        openssl(&dir, &args);
-    }
-    let mut args = vec![
-        "req",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ];
-    args.extend(ec);
-    openssl(&dir, &args);
-    std::fs::write(dir.join("ext.cnf"), format!("subjectAltName={san}\n")).unwrap();
-    openssl(
-        &dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "server.crt",
-        ],
-    );
-    Certs { dir }
+    Certs::make(san)
 }
 
 fn tls_stack(c: &Certs, mode: Option<&str>) -> Stack {
-    let mut set = vec![
-        format!("tls.cert={}", c.dir.join("server.crt").display()),
-        format!("tls.key={}", c.dir.join("server.key").display()),
-    ];
-    if let Some(m) = mode {
-        set.push(format!("tls.mode={m}"));
-    }
     stack_with(StackOptions {
-        set,
+        set: c.proxy_set(mode),
         ..Default::default()
     })
 }

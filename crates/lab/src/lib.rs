@@ -46,6 +46,7 @@
 //!   a clean environment and a time limit; `quote` quotes values for conf files, conninfo and SQL.
 
 pub mod binaries;
+pub mod certs;
 pub mod cluster;
 pub mod ports;
 pub mod proxy;

@@ -581,6 +581,24 @@ public final class Clients {
 
     // ------------------------------------------------------------ runner
 
+    /** Run with PGSPLIT_TLS_CA set: the URL asks for verify-full (every case goes over TLS). */
+    static void tls() throws Exception {
+        check(proxyUrl.contains("sslmode=verify-full"), "the URL asks for verify-full: " + proxyUrl);
+        try (Connection c = open("")) {
+            try (Statement s = c.createStatement(); ResultSet r = s.executeQuery("SELECT 1")) {
+                check(r.next() && r.getInt(1) == 1, "SELECT 1 over TLS");
+            }
+        }
+        String other = System.getenv("PGSPLIT_TLS_OTHER_CA");
+        String wrong = proxyUrl.replaceAll("sslrootcert=[^&]*", "sslrootcert=" + enc(other));
+        try (Connection c = DriverManager.getConnection(jdbcUrl(wrong, ""))) {
+            check(c == null, "a certificate from another CA was accepted");
+        } catch (SQLException e) {
+            check(e.getSQLState() != null && e.getSQLState().startsWith("08"),
+                "a wrong CA is a connection error: " + e + " [" + e.getSQLState() + "]");
+        }
+    }
+
     public static void main(String[] args) throws Exception {
         proxyUrl = env("PGSPLIT_URL");
         directUrl = env("PGSPLIT_DIRECT_PRIMARY_URL");
@@ -610,6 +628,9 @@ public final class Clients {
         cases.put("setFetchSize: a portal read in chunks in a transaction", Clients::fetchSize);
         cases.put("setQueryTimeout: cancel requests", Clients::queryTimeout);
         cases.put("SQLException.getSQLState()", Clients::sqlStates);
+        if (System.getenv("PGSPLIT_TLS_CA") != null) {
+            cases.put("TLS: sslmode=verify-full against the CA, a wrong CA refused", Clients::tls);
+        }
 
         int passed = 0;
         List<String> failed = new ArrayList<>();
