@@ -50,9 +50,48 @@ async fn metrics_and_health_are_served() {
         "pgsplit_read_only_retries_total 0",
         "# TYPE pgsplit_missing_object_retries_total counter",
         "pgsplit_missing_object_retries_total{sqlstate=\"42P01\"} 0",
+        "# TYPE pgsplit_statement_duration_seconds histogram",
+        "pgsplit_statement_duration_seconds_bucket{target=\"replica\",reason=\"read\",le=\"+Inf\"} ",
+        "pgsplit_statement_duration_seconds_count{target=\"primary\",reason=\"write\"} ",
     ] {
         assert!(body.contains(needle), "{needle:?} missing from:\n{body}");
     }
+    // The histogram adds up: its +Inf bucket is its count, and a 300 ms
+    // sleep on the primary lands in the 0.5 s bucket, not below.
+    c.batch_execute("SELECT /* pgsplit:primary */ pg_sleep(0.3)")
+        .await
+        .unwrap();
+    let (_, body) = get(admin, &request("/metrics")).await;
+    let value = |series: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .unwrap_or_else(|| panic!("{series} missing:\n{body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let labels = "target=\"primary\",reason=\"hint\"";
+    let inf = value(&format!(
+        "pgsplit_statement_duration_seconds_bucket{{{labels},le=\"+Inf\"}}"
+    ));
+    assert_eq!(
+        inf,
+        value(&format!(
+            "pgsplit_statement_duration_seconds_count{{{labels}}}"
+        ))
+    );
+    assert_eq!(
+        value(&format!(
+            "pgsplit_statement_duration_seconds_bucket{{{labels},le=\"0.25\"}}"
+        )),
+        0
+    );
+    assert_eq!(
+        value(&format!(
+            "pgsplit_statement_duration_seconds_bucket{{{labels},le=\"0.5\"}}"
+        )),
+        1
+    );
 
     let (status, body) = get(admin, &request("/health")).await;
     assert_eq!(status, 200, "{body}");

@@ -347,6 +347,7 @@ pub(crate) fn metrics(shared: &Shared) -> String {
     );
     candidate_metrics(shared, &mut out);
     pool_metrics(shared, &mut out);
+    latency_metrics(shared, &mut out);
     out
 }
 
@@ -470,6 +471,46 @@ fn pool_metrics(shared: &Shared, out: &mut String) {
         STATS.wait_micros.load(Relaxed) as f64 / 1e6,
         STATS.waits.load(Relaxed)
     );
+}
+
+/// Cycle durations by target and routing reason (the reasons seen so far).
+fn latency_metrics(shared: &Shared, out: &mut String) {
+    use crate::stats::LATENCY_BUCKETS;
+    let _ = writeln!(
+        out,
+        "# HELP pgsplit_statement_duration_seconds A client's cycle (a simple Query, or an extended batch up to Sync) from sending it to the server to the server's ReadyForQuery, by target and routing reason.\n\
+         # TYPE pgsplit_statement_duration_seconds histogram"
+    );
+    for (i, target) in ["primary", "replica"].iter().enumerate() {
+        for (j, reason) in REASONS.iter().enumerate() {
+            let h = &shared.stats.latency[i][j];
+            let counts: Vec<u64> = h.buckets.iter().map(|b| b.load(Relaxed)).collect();
+            let total: u64 = counts.iter().sum();
+            if total == 0 {
+                continue;
+            }
+            let labels = format!("target=\"{target}\",reason=\"{}\"", reason.as_str());
+            let mut cumulative = 0;
+            for (le, n) in LATENCY_BUCKETS.iter().zip(&counts) {
+                cumulative += n;
+                let le = if le.is_infinite() {
+                    "+Inf".to_owned()
+                } else {
+                    le.to_string()
+                };
+                let _ = writeln!(
+                    out,
+                    "pgsplit_statement_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "pgsplit_statement_duration_seconds_sum{{{labels}}} {}\n\
+                 pgsplit_statement_duration_seconds_count{{{labels}}} {total}",
+                h.sum_micros.load(Relaxed) as f64 / 1e6
+            );
+        }
+    }
 }
 
 /// A Prometheus label value with `\`, `"` and newlines escaped.

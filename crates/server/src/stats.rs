@@ -53,6 +53,56 @@ pub struct Stats {
     pub clients_rejected: AtomicU64,
     /// Client connections open now, logging in or logged in.
     pub clients_connected: AtomicU64,
+    /// Cycle durations by [primary, replica] and reason (see [`Latency`]).
+    pub latency: [[Latency; REASONS.len()]; 2],
+}
+
+/// Upper bounds (seconds) of the statement latency histogram's buckets.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.002_5,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+    f64::INFINITY,
+];
+
+/// A histogram of cycle durations (a simple Query, or an extended batch up
+/// to Sync, from sending it to the server to its ReadyForQuery): one
+/// atomic add per bucket hit and one for the sum, nothing allocated.
+#[derive(Debug, Default)]
+pub struct Latency {
+    /// Not cumulative: the exposition sums them.
+    pub buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    pub sum_micros: AtomicU64,
+}
+
+impl Latency {
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|le| secs <= *le)
+            .unwrap_or(LATENCY_BUCKETS.len() - 1);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_micros
+            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+}
+
+/// The index of `r` in [`REASONS`].
+pub fn reason_index(r: Reason) -> u8 {
+    REASONS.iter().position(|x| *x == r).unwrap_or(0) as u8
 }
 
 impl Stats {

@@ -39,6 +39,9 @@ pub(super) struct Pending {
     /// It parses or runs a statement: an error for it reaches the
     /// application. (Drivers drop the answer to a lone Close or Sync.)
     pub(super) runs: bool,
+    /// A client cycle: when it was sent and why it went where it did (an
+    /// index into `stats::REASONS`), for the latency histogram.
+    pub(super) timed: Option<(std::time::Instant, u8)>,
 }
 
 impl Pending {
@@ -63,6 +66,7 @@ impl Pending {
             wrapped: false,
             quiet: false,
             runs: true,
+            timed: None,
         }
     }
 
@@ -80,6 +84,7 @@ impl Pending {
             wrapped: false,
             quiet: false,
             runs: false,
+            timed: None,
         }
     }
 }

@@ -427,6 +427,10 @@ impl Session {
     fn on_ready(&mut self, t: Target, status: TxStatus) {
         let b = self.backends[idx(t)].as_mut().expect("exists");
         let done = b.pending.pop_front();
+        if let Some((sent, reason)) = done.and_then(|p| p.timed) {
+            self.shared.stats.latency[usize::from(t == Target::Replica)][usize::from(reason)]
+                .observe(sent.elapsed());
+        }
         if let (Some(c), Some(p)) = (self.copy_in, done) {
             if c.target == t && !c.extended && !p.own && p.seq >= c.seq {
                 // The simple Query that ran one or more COPYs is over.

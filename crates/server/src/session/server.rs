@@ -172,7 +172,11 @@ impl Session {
 
     /// Records a client cycle sent to `t` (a retryable one holds its first
     /// replies back); returns the backend.
-    pub(super) fn client_cycle(&mut self, t: Target, p: Pending) -> &mut Backend {
+    pub(super) fn client_cycle(&mut self, t: Target, mut p: Pending) -> &mut Backend {
+        p.timed = Some((
+            std::time::Instant::now(),
+            crate::stats::reason_index(self.last_route.1),
+        ));
         if p.retryable {
             let rep = &self.shared.replication;
             self.retry.sent = (rep.polls_started(), rep.replay_lsn().unwrap_or(0));
