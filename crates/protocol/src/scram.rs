@@ -169,6 +169,20 @@ impl ScramExchange {
     /// # Errors
     /// `Proof` when the password is wrong, `Nonce`/`Malformed` otherwise.
     pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
+        self.finish_with_keys(client_final).map(|(server_final, _)| server_final)
+    }
+
+    /// As [`ScramExchange::finish`], also giving the client's keys: the
+    /// ClientKey its proof reveals and the verifier's ServerKey. With them
+    /// the proxy can log in to a server holding the same verifier without
+    /// the password (SCRAM passthrough, as PgBouncer does for `auth_query`).
+    ///
+    /// # Errors
+    /// As [`ScramExchange::finish`].
+    pub fn finish_with_keys(
+        self,
+        client_final: &[u8],
+    ) -> Result<(String, ClientKeys), ScramError> {
         let msg = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed)?;
         let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(ScramError::Malformed)?;
         let nonce = without_proof
@@ -196,7 +210,29 @@ impl ScramExchange {
             return Err(ScramError::Proof);
         }
         let server_signature = hmac(&self.secret.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", B64.encode(server_signature)))
+        Ok((
+            format!("v={}", B64.encode(server_signature)),
+            ClientKeys {
+                client_key,
+                server_key: self.secret.server_key,
+            },
+        ))
+    }
+}
+
+/// What a SCRAM login needs besides the password: the ClientKey (which a
+/// client's proof reveals to a server that knows the StoredKey) and the
+/// ServerKey (to check the server's signature).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ClientKeys {
+    pub client_key: [u8; 32],
+    pub server_key: [u8; 32],
+}
+
+impl std::fmt::Debug for ClientKeys {
+    /// Never prints a key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientKeys(..)")
     }
 }
 
@@ -214,7 +250,9 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// salt and iteration count: [`SaltedKeys`] keeps what was derived, so a
 /// pool that opens many connections pays it once per server and user.
 pub struct ScramClient {
+    /// Empty when logging in with `keys` instead.
     password: Vec<u8>,
+    keys: Option<ClientKeys>,
     nonce: String,
     /// After the server-first message: the AuthMessage and the keys.
     state: Option<([u8; 32], String)>,
@@ -259,8 +297,19 @@ impl ScramClient {
         rand::thread_rng().fill_bytes(&mut raw);
         ScramClient {
             password: password.to_vec(),
+            keys: None,
             nonce: B64.encode(raw),
             state: None,
+        }
+    }
+
+    /// A client that logs in with a user's keys rather than its password
+    /// (see [`ScramExchange::finish_with_keys`]): the server must hold the
+    /// verifier the keys came from.
+    pub fn with_keys(keys: ClientKeys) -> ScramClient {
+        ScramClient {
+            keys: Some(keys),
+            ..ScramClient::new(b"")
         }
     }
 
@@ -291,10 +340,14 @@ impl ScramClient {
         if iterations == 0 {
             return Err(ScramError::Malformed);
         }
-        let salted = keys.salted(&self.password, &salt, iterations);
-        let client_key = hmac(&salted, b"Client Key");
+        let (client_key, server_key) = match self.keys {
+            Some(k) => (k.client_key, k.server_key),
+            None => {
+                let salted = keys.salted(&self.password, &salt, iterations);
+                (hmac(&salted, b"Client Key"), hmac(&salted, b"Server Key"))
+            }
+        };
         let stored_key: [u8; 32] = Sha256::digest(client_key).into();
-        let server_key = hmac(&salted, b"Server Key");
         let without_proof = format!("c=biws,r={nonce}");
         let auth_message = format!("n=,r={},{msg},{without_proof}", self.nonce);
         let signature = hmac(&stored_key, auth_message.as_bytes());
@@ -363,6 +416,31 @@ mod tests {
         let (ex, sf) = start(&secret, b"n,,n=,r=abcdef").unwrap();
         let bad = ex.finish(client_final("wrong", "n=,r=abcdef", &sf).as_bytes());
         assert_eq!(bad.unwrap_err(), ScramError::Proof);
+    }
+
+    #[test]
+    fn keys_from_one_login_log_in_again_without_the_password() {
+        let secret = ScramSecret::from_password("s3cret");
+        let salted = SaltedKeys::default();
+        // A client logs in to the proxy with its password...
+        let mut c = ScramClient::new(b"s3cret");
+        let (ex, sf) = start(&secret, c.client_first().as_bytes()).unwrap();
+        let fin = c.server_first(sf.as_bytes(), &salted).unwrap();
+        let (server_final, keys) = ex.finish_with_keys(fin.as_bytes()).unwrap();
+        c.server_final(server_final.as_bytes()).unwrap();
+        // ...and the proxy logs in to a server with the same verifier.
+        let mut p = ScramClient::with_keys(keys);
+        let (ex, sf) = start(&secret, p.client_first().as_bytes()).unwrap();
+        let fin = p.server_first(sf.as_bytes(), &salted).unwrap();
+        let server_final = ex.finish(fin.as_bytes()).unwrap();
+        p.server_final(server_final.as_bytes()).unwrap();
+        // Another verifier (a changed password) refuses them.
+        let other = ScramSecret::from_password("new");
+        let mut p = ScramClient::with_keys(keys);
+        let (ex, sf) = start(&other, p.client_first().as_bytes()).unwrap();
+        let fin = p.server_first(sf.as_bytes(), &salted).unwrap();
+        assert_eq!(ex.finish(fin.as_bytes()).unwrap_err(), ScramError::Proof);
+        assert_eq!(format!("{keys:?}"), "ClientKeys(..)");
     }
 
     #[test]
