@@ -8,6 +8,7 @@
 
 mod admin;
 mod auth;
+mod auth_query;
 mod chaos;
 mod common;
 mod consistency;

@@ -169,7 +169,8 @@ impl ScramExchange {
     /// # Errors
     /// `Proof` when the password is wrong, `Nonce`/`Malformed` otherwise.
     pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
-        self.finish_with_keys(client_final).map(|(server_final, _)| server_final)
+        self.finish_with_keys(client_final)
+            .map(|(server_final, _)| server_final)
     }
 
     /// As [`ScramExchange::finish`], also giving the client's keys: the
@@ -179,10 +180,7 @@ impl ScramExchange {
     ///
     /// # Errors
     /// As [`ScramExchange::finish`].
-    pub fn finish_with_keys(
-        self,
-        client_final: &[u8],
-    ) -> Result<(String, ClientKeys), ScramError> {
+    pub fn finish_with_keys(self, client_final: &[u8]) -> Result<(String, ClientKeys), ScramError> {
         let msg = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed)?;
         let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(ScramError::Malformed)?;
         let nonce = without_proof

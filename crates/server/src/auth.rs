@@ -14,7 +14,8 @@ use pgsplit_protocol::{encode, frame, tag, ProtoError, MAX_STARTUP_PACKET_BYTES}
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::{AuthMethod, Config, User};
+use crate::auth_query::Secret;
+use crate::config::{AuthMethod, BackendKeys, Config, User};
 use crate::error::Error;
 
 /// Secrets derived once at start-up, so a login costs no PBKDF2 run.
@@ -66,20 +67,32 @@ pub async fn authenticate<S>(
     cfg: &Config,
     secrets: &Secrets,
     user_name: &str,
-) -> Result<(), Error>
+    queried: Option<Option<&Secret>>,
+) -> Result<Option<BackendKeys>, Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let user = cfg.user(user_name);
-    let method = user.map_or(AuthMethod::ScramSha256, |u| u.auth);
+    let queried_secret = queried.flatten();
+    let method = match (user, queried_secret) {
+        (Some(u), _) => u.auth,
+        (None, Some(Secret::Md5(_))) => AuthMethod::Md5,
+        (None, _) => AuthMethod::ScramSha256,
+    };
     let failed = || Error::AuthFailed {
         user: user_name.to_owned(),
     };
     match method {
-        AuthMethod::Trust => Ok(()),
+        AuthMethod::Trust => Ok(None),
         AuthMethod::ScramSha256 => {
+            let from_query = match queried_secret {
+                Some(Secret::Scram(v)) => Some(v.clone()),
+                _ => None,
+            };
+            let known = user.is_some() || from_query.is_some();
             let secret = user
                 .and_then(|u| secrets.scram.get(&u.name).cloned())
+                .or(from_query)
                 .unwrap_or_else(|| ScramSecret::mock(user_name, &secrets.mock_key));
             let mut w = BytesMut::new();
             encode::auth_sasl(&mut w);
@@ -101,18 +114,20 @@ where
             encode::auth_sasl_continue(&mut w, server_first.as_bytes());
             send(stream, &w).await?;
             let f = read_password(stream, buf).await?;
-            let server_final = exchange.finish(f.body()).map_err(|e| match e {
-                scram::ScramError::Malformed => {
-                    Error::Protocol(ProtoError::Malformed { what: "SCRAM" })
-                }
-                _ => failed(),
-            })?;
-            if user.is_none() {
+            let (server_final, keys) =
+                exchange.finish_with_keys(f.body()).map_err(|e| match e {
+                    scram::ScramError::Malformed => {
+                        Error::Protocol(ProtoError::Malformed { what: "SCRAM" })
+                    }
+                    _ => failed(),
+                })?;
+            if !known {
                 return Err(failed());
             }
             w.clear();
             encode::auth_sasl_final(&mut w, server_final.as_bytes());
-            send(stream, &w).await
+            send(stream, &w).await?;
+            Ok(user.is_none().then_some(BackendKeys::Scram(keys)))
         }
         AuthMethod::Md5 => {
             let mut salt = [0u8; 4];
@@ -122,9 +137,14 @@ where
             send(stream, &w).await?;
             let f = read_password(stream, buf).await?;
             let response = frontend::password(f.body())?;
-            let stored = user.and_then(md5_stored).ok_or_else(failed)?;
+            let stored = match (user, queried_secret) {
+                (Some(u), _) => md5_stored(u),
+                (None, Some(Secret::Md5(m))) => Some(m.clone()),
+                _ => None,
+            }
+            .ok_or_else(failed)?;
             if pgsplit_protocol::md5::verify(&stored, salt, response) {
-                Ok(())
+                Ok(user.is_none().then_some(BackendKeys::Md5(stored)))
             } else {
                 Err(failed())
             }

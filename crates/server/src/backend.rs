@@ -14,7 +14,7 @@ use pgsplit_protocol::{encode, frame, tag, ProtoError};
 use pgsplit_router::Target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::{BackendAddr, SslMode};
+use crate::config::{BackendAddr, BackendKeys, SslMode};
 use crate::stream::{Endpoint, Stream};
 
 /// Backend messages during login are small; anything bigger is a broken peer.
@@ -80,6 +80,9 @@ pub struct Login<'a> {
     pub database: &'a str,
     /// Client startup parameters passed through (application_name, …).
     pub params: &'a [(String, String)],
+    /// Without a password: what an `auth_query` user's login left (see
+    /// [`BackendKeys`]).
+    pub keys: Option<&'a BackendKeys>,
 }
 
 /// An authenticated connection to one server.
@@ -201,8 +204,12 @@ impl BackendConn {
                             encode::password_message(&mut w, pw.as_bytes());
                         }
                         Auth::Md5 { salt } => {
-                            let pw = self.password(login)?;
-                            let stored = pgsplit_protocol::md5::stored(login.user, pw);
+                            let stored = match (login.password, login.keys) {
+                                (None, Some(BackendKeys::Md5(stored))) => stored.clone(),
+                                _ => {
+                                    pgsplit_protocol::md5::stored(login.user, self.password(login)?)
+                                }
+                            };
                             let resp = pgsplit_protocol::md5::response_from_stored(&stored, salt);
                             encode::password_message(&mut w, resp.as_bytes());
                         }
@@ -212,8 +219,12 @@ impl BackendConn {
                             if !offered {
                                 return Err(BackendError::UnsupportedAuth(10));
                             }
-                            let pw = self.password(login)?;
-                            let s = ScramClient::new(pw.as_bytes());
+                            let s = match (login.password, login.keys) {
+                                (None, Some(BackendKeys::Scram(keys))) => {
+                                    ScramClient::with_keys(*keys)
+                                }
+                                _ => ScramClient::new(self.password(login)?.as_bytes()),
+                            };
                             encode::sasl_initial_response(
                                 &mut w,
                                 "SCRAM-SHA-256",

@@ -55,6 +55,8 @@ pub struct Config {
     pub admin: Admin,
     /// TLS for clients (`[tls]`).
     pub tls: Tls,
+    /// Passwords from the server (`[auth]`).
+    pub auth: Auth,
     /// Users clients may log in as.
     pub users: Vec<User>,
 }
@@ -86,6 +88,7 @@ impl Default for Config {
             monitor: Monitor::default(),
             admin: Admin::default(),
             tls: Tls::default(),
+            auth: Auth::default(),
             users: Vec::new(),
         }
     }
@@ -563,6 +566,60 @@ pub enum TlsMode {
     Require,
 }
 
+/// Where the secrets of users not in `[[users]]` come from (`[auth]`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Only `[[users]]` may log in.
+    #[default]
+    Config,
+    /// Others' stored secrets are read from the servers with `auth_query`.
+    AuthQuery,
+}
+
+/// `[auth]`: passwords from the server, as PgBouncer's `auth_query`.
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    pub mode: AuthMode,
+    /// The login that runs `auth_query` (its own credentials here).
+    pub auth_user: Option<String>,
+    #[serde(skip_serializing)]
+    pub auth_password: Option<String>,
+    /// Returns (name, secret) for `$1`; the secret NULL or no row: no such
+    /// login. The default calls the function the README gives.
+    pub auth_query: String,
+    /// Database `auth_query` runs in; default: the client's database.
+    pub auth_database: Option<String>,
+    /// How long a secret read is used before it is read again.
+    #[serde(deserialize_with = "duration", serialize_with = "show_duration")]
+    pub cache_ttl: Duration,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            mode: AuthMode::Config,
+            auth_user: None,
+            auth_password: None,
+            auth_query: "SELECT uname, phash FROM pgsplit.user_lookup($1)".into(),
+            auth_database: None,
+            cache_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+impl std::fmt::Debug for Auth {
+    /// Never prints the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("mode", &self.mode)
+            .field("auth_user", &self.auth_user)
+            .field("auth_query", &self.auth_query)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Client-facing TLS (`[tls]`): a PEM certificate chain and key.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -683,6 +740,19 @@ pub struct User {
     /// May use the console (the database `pgsplit`).
     #[serde(default)]
     pub admin: bool,
+    /// A user whose secret came from `auth_query`: how to log in to the
+    /// servers as it without a password (learned at its login).
+    #[serde(skip)]
+    pub keys: Option<BackendKeys>,
+}
+
+/// Credentials for a server login without the password.
+#[derive(Clone, PartialEq, Eq)]
+pub enum BackendKeys {
+    /// SCRAM passthrough: the keys the client's own login revealed.
+    Scram(pgsplit_protocol::scram::ClientKeys),
+    /// The stored `md5…` hash, which an MD5 challenge needs.
+    Md5(String),
 }
 
 impl std::fmt::Debug for User {
@@ -918,6 +988,7 @@ impl Config {
             server_user: None,
             server_password: None,
             admin: true,
+            keys: None,
         });
     }
 
@@ -979,6 +1050,12 @@ impl Config {
             return Err(invalid(
                 "tls.mode",
                 "allow and require need tls.cert and tls.key",
+            ));
+        }
+        if self.auth.mode == AuthMode::AuthQuery && self.auth.auth_user.is_none() {
+            return Err(invalid(
+                "auth.auth_user",
+                "auth_query needs the login that runs it",
             ));
         }
         for (section, a) in [("primary", &self.primary), ("replica", &self.replica)] {

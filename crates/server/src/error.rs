@@ -140,6 +140,10 @@ pub enum Error {
     /// `KILL_CLIENT` of a client that is not connected.
     #[error("no client with id {0}")]
     NoSuchClient(String),
+    /// `auth_query` could not be run on either server: the password
+    /// cannot be checked.
+    #[error("cannot check the password: {0}")]
+    AuthQueryFailed(String),
     /// `RELOAD` (or SIGHUP) found a configuration that does not load.
     #[error("configuration not reloaded: {0}")]
     ReloadFailed(String),
@@ -235,6 +239,9 @@ impl Error {
             Error::NoSuchClient(_) => (Severity::Error, UNDEFINED_OBJECT),
             Error::Killed => (Severity::Fatal, ADMIN_SHUTDOWN),
             Error::ReloadFailed(_) => (Severity::Error, CONFIG_FILE_ERROR),
+            Error::AuthQueryFailed(_) => {
+                (Severity::Fatal, SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION)
+            }
             Error::PauseIncomplete(..) | Error::NotPaused => {
                 (Severity::Error, OBJECT_NOT_IN_PREREQUISITE_STATE)
             }

@@ -20,6 +20,7 @@
 
 mod admin;
 pub mod auth;
+pub mod auth_query;
 pub mod backend;
 pub mod backend_tls;
 pub mod cancel;
@@ -73,6 +74,8 @@ pub struct Shared {
     pub immediate: CancellationToken,
     /// The console's `PAUSE`/`RESUME`.
     pub pause: pause::Pause,
+    /// Secrets read with `auth_query` (see [`auth_query`]).
+    pub auth_query: auth_query::AuthQuery,
     /// Bumped when a reload changes the replica's address.
     pub replica_generation: std::sync::atomic::AtomicU64,
 }
@@ -162,6 +165,7 @@ impl Shared {
             immediate: CancellationToken::new(),
             replica_generation: std::sync::atomic::AtomicU64::new(0),
             pause: pause::Pause::default(),
+            auth_query: auth_query::AuthQuery::default(),
             live: reload::Live::new(config),
         }
     }

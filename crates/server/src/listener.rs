@@ -332,10 +332,56 @@ async fn startup(
     let user_name = startup.user().ok_or(Error::NoUser)?.to_owned();
     let cfg = shared.config();
     let secrets = shared.live.secrets();
-    crate::auth::authenticate(stream, buf, &cfg, &secrets, &user_name).await?;
-    let user = cfg.user(&user_name).cloned().ok_or(Error::AuthFailed {
-        user: user_name.clone(),
-    })?;
+    let lookup_db = startup
+        .database()
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user_name)
+        .to_owned();
+    let queried =
+        if cfg.user(&user_name).is_none() && cfg.auth.mode == crate::config::AuthMode::AuthQuery {
+            Some(
+                shared
+                    .auth_query
+                    .secret(shared, &user_name, &lookup_db)
+                    .await?,
+            )
+        } else {
+            None
+        };
+    let keys = match crate::auth::authenticate(
+        stream,
+        buf,
+        &cfg,
+        &secrets,
+        &user_name,
+        queried.as_ref().map(Option::as_ref),
+    )
+    .await
+    {
+        Ok(k) => k,
+        Err(e @ Error::AuthFailed { .. }) => {
+            if let Some(used) = &queried {
+                // The replica may not have a changed password yet: the
+                // next attempt uses what the primary holds.
+                let _ = shared
+                    .auth_query
+                    .refresh_from_primary(shared, &user_name, &lookup_db, used.as_ref())
+                    .await;
+            }
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(k) = keys {
+        shared.auth_query.remember(&user_name, k);
+    }
+    let user = cfg
+        .user(&user_name)
+        .cloned()
+        .or_else(|| shared.auth_query.user(&user_name))
+        .ok_or(Error::AuthFailed {
+            user: user_name.clone(),
+        })?;
     let database = startup.database().unwrap_or_default();
     if database == crate::console::DATABASE {
         if !user.admin {

@@ -111,6 +111,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             password: creds.1.as_deref(),
             database: &cfg.monitor.database,
             params: &monitor_params,
+            keys: None,
         };
         let fast = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -224,6 +225,7 @@ async fn follow(
                 password: password.as_deref(),
                 database: &shared.config().monitor.database,
                 params: &monitor_params,
+                keys: None,
             };
             let r = poll(
                 &shared,

@@ -69,6 +69,12 @@ cert = "/etc/pgsplit/server.crt"
 key = "/etc/pgsplit/server.key"
 mode = "require"
 
+[auth]
+mode = "auth_query"
+auth_user = "pgsplit_auth"
+auth_password = "secret"
+auth_database = "postgres"
+
 [[users]]
 name = "app"
 password = "secret"
@@ -81,7 +87,11 @@ admin = true
 /// `User` fields serde accepts but never serializes (`skip_serializing`:
 /// no secret is ever shown). `EVERYTHING_SET` sets them, so loading it
 /// proves they are accepted.
-const NEVER_SERIALIZED: &[&str] = &["users.password", "users.server_password"];
+const NEVER_SERIALIZED: &[&str] = &[
+    "users.password",
+    "users.server_password",
+    "auth.auth_password",
+];
 
 /// Accepted by the type but not a setting: `[replica]` shares the
 /// `[primary]` address type, whose `hosts` (the primary's candidates)

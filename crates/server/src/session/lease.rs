@@ -95,6 +95,7 @@ pub(crate) async fn checkout(
                 let login = Login {
                     user: user.backend_user(),
                     password: user.backend_password(),
+                    keys: user.keys.as_ref(),
                     database,
                     params,
                 };
@@ -344,7 +345,13 @@ pub(crate) async fn maintain(
             }
             let cfg = shared.config();
             for (id, key, want) in pools.short_of_min_idle() {
-                let Some(user) = cfg.user(&key.user) else {
+                // An auth_query user's pool fills once its keys are known
+                // (its first login); until then it has no connections.
+                let Some(user) = cfg
+                    .user(&key.user)
+                    .cloned()
+                    .or_else(|| shared.auth_query.user(&key.user))
+                else {
                     continue;
                 };
                 let Ok((addr, generation)) = shared.server_addr(t) else {
@@ -353,6 +360,7 @@ pub(crate) async fn maintain(
                 let login = Login {
                     user: user.backend_user(),
                     password: user.backend_password(),
+                    keys: user.keys.as_ref(),
                     database: &key.database,
                     params: &key.params,
                 };

@@ -343,6 +343,7 @@ impl Session {
         let login = Login {
             user: self.user.backend_user(),
             password: self.user.backend_password(),
+            keys: self.user.keys.as_ref(),
             database: &self.database,
             params: &self.params,
         };
