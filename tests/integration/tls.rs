@@ -285,3 +285,36 @@ fn said(e: &tokio_postgres::Error) -> String {
     let d = e.as_db_error().expect("a server error");
     format!("{} ({})", d.message(), d.hint().unwrap_or_default())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_serves_a_renewed_certificate() {
+    let old = certs();
+    let s = tls_stack(&old, Some("require"));
+    let verify = |ca: &Path| {
+        psql(
+            &s,
+            &format!(
+                "host=localhost sslmode=verify-full sslrootcert={}",
+                ca.display()
+            ),
+            "SELECT 1",
+        )
+    };
+    let (ok, out) = verify(&old.ca());
+    assert!(ok, "{out}");
+    // A certificate from another CA is put in place of the files, as a
+    // renewal does, and the console reloads.
+    let new = certs();
+    std::fs::copy(new.cert(), old.cert()).unwrap();
+    std::fs::copy(new.key(), old.key()).unwrap();
+    let (ok, out) = psql_through(
+        &s,
+        "host=127.0.0.1 sslmode=require dbname=pgsplit",
+        "RELOAD",
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = verify(&new.ca());
+    assert!(ok, "the renewed certificate is served: {out}");
+    let (ok, _) = verify(&old.ca());
+    assert!(!ok, "the old CA no longer verifies it");
+}

@@ -435,3 +435,43 @@ fn json_logs_carry_the_clients_span() {
         assert!(line.contains(field), "{field} missing: {line}");
     }
 }
+
+#[test]
+fn no_password_reaches_the_log() {
+    let dir = std::env::temp_dir().join(format!("pgsplit-nolog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("proxy.toml");
+    std::fs::write(
+        &file,
+        "[[users]]\nname = \"carol\"\npassword = \"Carol-Secret-123\"\n\
+         server_user = \"app\"\nserver_password = \"app\"\n",
+    )
+    .unwrap();
+    let p = run_on_lab_with(&["--config", file.to_str().unwrap(), "--log-format", "json"]);
+    let login = |password: &str| {
+        Command::new(&p.psql)
+            .args(["-X", "-At", "-h", "127.0.0.1", "-U", "carol", "-d", "app"])
+            .args(["-p", &p.port.to_string(), "-c", "SELECT 1"])
+            .env("PGPASSWORD", password)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(!login("Wrong-Secret-456"));
+    assert!(login("Carol-Secret-123"));
+    assert!(p.console("SHOW CONFIG").is_ok());
+    std::thread::sleep(Duration::from_millis(300));
+    let lines: Vec<String> = p.log.as_ref().unwrap().try_iter().collect();
+    assert!(
+        lines.iter().any(|l| l.contains("carol")),
+        "the logins were logged: {lines:?}"
+    );
+    for secret in ["Carol-Secret-123", "Wrong-Secret-456"] {
+        assert!(
+            !lines.iter().any(|l| l.contains(secret)),
+            "{secret} in the log: {lines:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
