@@ -452,9 +452,31 @@ fn pool_metrics(shared: &Shared, out: &mut String) {
         "# HELP pgsplit_pool_wait_seconds How long checkouts that found no connection free waited.\n\
          # TYPE pgsplit_pool_wait_seconds histogram"
     );
+    let counts: Vec<u64> = STATS.wait_buckets.iter().map(|n| n.load(Relaxed)).collect();
+    histogram(
+        out,
+        "pgsplit_pool_wait_seconds",
+        "",
+        &WAIT_BUCKETS,
+        &counts,
+        STATS.wait_micros.load(Relaxed),
+    );
+}
+
+/// One histogram series: cumulative buckets (`labels` first, then `le`),
+/// sum (from microseconds) and count (the buckets' total).
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    bounds: &[f64],
+    counts: &[u64],
+    sum_micros: u64,
+) {
+    let sep = if labels.is_empty() { "" } else { "," };
     let mut cumulative = 0;
-    for (le, n) in WAIT_BUCKETS.iter().zip(&STATS.wait_buckets) {
-        cumulative += n.load(Relaxed);
+    for (le, n) in bounds.iter().zip(counts) {
+        cumulative += n;
         let le = if le.is_infinite() {
             "+Inf".to_owned()
         } else {
@@ -462,14 +484,18 @@ fn pool_metrics(shared: &Shared, out: &mut String) {
         };
         let _ = writeln!(
             out,
-            "pgsplit_pool_wait_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+            "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
         );
     }
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
     let _ = writeln!(
         out,
-        "pgsplit_pool_wait_seconds_sum {}\npgsplit_pool_wait_seconds_count {}",
-        STATS.wait_micros.load(Relaxed) as f64 / 1e6,
-        STATS.waits.load(Relaxed)
+        "{name}_sum{braces} {}\n{name}_count{braces} {cumulative}",
+        sum_micros as f64 / 1e6
     );
 }
 
@@ -490,24 +516,13 @@ fn latency_metrics(shared: &Shared, out: &mut String) {
                 continue;
             }
             let labels = format!("target=\"{target}\",reason=\"{}\"", reason.as_str());
-            let mut cumulative = 0;
-            for (le, n) in LATENCY_BUCKETS.iter().zip(&counts) {
-                cumulative += n;
-                let le = if le.is_infinite() {
-                    "+Inf".to_owned()
-                } else {
-                    le.to_string()
-                };
-                let _ = writeln!(
-                    out,
-                    "pgsplit_statement_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
-                );
-            }
-            let _ = writeln!(
+            histogram(
                 out,
-                "pgsplit_statement_duration_seconds_sum{{{labels}}} {}\n\
-                 pgsplit_statement_duration_seconds_count{{{labels}}} {total}",
-                h.sum_micros.load(Relaxed) as f64 / 1e6
+                "pgsplit_statement_duration_seconds",
+                &labels,
+                &LATENCY_BUCKETS,
+                &counts,
+                h.sum_micros.load(Relaxed),
             );
         }
     }

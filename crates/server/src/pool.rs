@@ -155,8 +155,8 @@ pub struct PoolStats {
     pub opened: AtomicU64,
     pub closed: AtomicU64,
     pub leases: AtomicU64,
-    /// Leases that had to wait for room, and how long in all.
-    pub waits: AtomicU64,
+    /// How long leases that had to wait for room waited in all (their
+    /// count is the buckets' total).
     pub wait_micros: AtomicU64,
     /// Waits by duration, per bucket of [`WAIT_BUCKETS`] (not cumulative).
     pub wait_buckets: [AtomicU64; 8],
@@ -195,7 +195,6 @@ pub static STATS: PoolStats = PoolStats {
     opened: AtomicU64::new(0),
     closed: AtomicU64::new(0),
     leases: AtomicU64::new(0),
-    waits: AtomicU64::new(0),
     wait_micros: AtomicU64::new(0),
     wait_buckets: [const { AtomicU64::new(0) }; 8],
     timeouts: AtomicU64::new(0),
@@ -348,7 +347,6 @@ impl TargetPools {
         };
         if counted {
             self.lock().pools[id].waiting -= 1;
-            STATS.waits.fetch_add(1, Relaxed);
             let waited = start.elapsed();
             let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
             STATS.wait_micros.fetch_add(us, Relaxed);
