@@ -598,3 +598,56 @@ async fn a_datestyle_set_in_two_steps_is_replayed_whole() {
         "1999-01-08"
     );
 }
+
+/// The proxy asks for the WAL position and transaction id after writes
+/// with a statement it prepares once per server connection: a client's
+/// `DEALLOCATE ALL` and failed blocks on that connection make it prepare
+/// it again, never fail the client's next write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_own_statement_is_prepared_again_after_deallocate_all() {
+    let s = stack_set(&["pool.size=1", "pool.min_idle=0"]);
+    let a = client(&s).await;
+    let b = client(&s).await;
+    a.batch_execute("CREATE TABLE own_stmt (n int)")
+        .await
+        .unwrap();
+    let own = "SELECT count(*) FROM pg_prepared_statements WHERE name = 'pgsplit_own'";
+    for c in [&a, &b, &a] {
+        c.simple_query("BEGIN").await.unwrap();
+        c.simple_query("INSERT INTO own_stmt VALUES (1)")
+            .await
+            .unwrap();
+        // Behind the write, on the one primary connection.
+        assert_eq!(value(c, own).await, "1");
+        c.simple_query("DEALLOCATE ALL").await.unwrap();
+        assert_eq!(value(c, own).await, "0");
+        c.simple_query("INSERT INTO own_stmt VALUES (2)")
+            .await
+            .unwrap();
+        c.simple_query("COMMIT").await.unwrap();
+        // A failed block, then a block that writes and commits.
+        c.simple_query("BEGIN").await.unwrap();
+        c.simple_query("INSERT INTO own_stmt VALUES (3)")
+            .await
+            .unwrap();
+        assert!(c.simple_query("SELECT 1/0").await.is_err());
+        c.simple_query("ROLLBACK").await.unwrap();
+        c.simple_query("BEGIN").await.unwrap();
+        c.simple_query("INSERT INTO own_stmt VALUES (4)")
+            .await
+            .unwrap();
+        assert_eq!(value(c, own).await, "1");
+        c.simple_query("COMMIT").await.unwrap();
+        c.simple_query("INSERT INTO own_stmt VALUES (5)")
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        on_primary(
+            &s,
+            "SELECT string_agg(n::text, ',' ORDER BY n) FROM own_stmt"
+        ),
+        "1,1,1,2,2,2,4,4,4,5,5,5"
+    );
+    assert_eq!(server_connections(&s, Which::Primary), 1);
+}

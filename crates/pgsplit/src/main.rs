@@ -74,25 +74,49 @@ enum Command {
     },
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PGSPLIT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    match cli.log_format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_target(false)
-            // Colours on a terminal only: a log file or journal gets plain text.
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+/// Sets up logging from `PGSPLIT_LOG` (default `info`). A spec of levels
+/// and targets (`info`, `pgsplit_server=debug,warn`) is a static
+/// [`Targets`](tracing_subscriber::filter::Targets) filter, which costs
+/// nothing when a session's span is entered and left on every poll; only a
+/// spec with span or field directives (`[client{user=app}]=debug`) needs
+/// the dynamic `EnvFilter`, which looks the span up each time.
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::filter::{EnvFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let spec = std::env::var("PGSPLIT_LOG").unwrap_or_else(|_| "info".to_owned());
+    let (targets, dynamic) = match spec.parse::<Targets>() {
+        Ok(t) if !spec.contains('[') => (Some(t), None),
+        _ => (
+            None,
+            Some(EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"))),
+        ),
+    };
+    let registry = tracing_subscriber::registry().with(targets).with(dynamic);
+    match format {
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    // Colours on a terminal only: a log file or journal gets plain text.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+            )
             .init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_target(false)
-            .with_current_span(true)
-            .with_span_list(false)
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_target(false)
+                    .with_current_span(true)
+                    .with_span_list(false),
+            )
             .init(),
     }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
     match cli.command {
         #[cfg(feature = "lab")]
         Some(Command::Lab { listen }) => lab(listen),

@@ -96,8 +96,13 @@ pub struct TargetPools {
     /// The rest of the settings; a reload replaces them (see [`Pools::apply`]).
     settings: std::sync::RwLock<PoolSettings>,
     state: Mutex<State>,
-    /// Signalled when a connection is returned or closed.
+    /// Signalled when a connection is returned or closed, if anybody
+    /// waits: `waiters` counts checkouts from before they first look for a
+    /// connection until they return, so a return that sees none (after
+    /// releasing the state lock they took before looking) skips the
+    /// notification's own lock.
     changed: Notify,
+    waiters: std::sync::atomic::AtomicUsize,
 }
 
 /// How long connections returned after [`TargetPools::take_all_idle`] are
@@ -186,7 +191,23 @@ impl Drop for Lease {
             s.total -= 1;
         }
         STATS.closed.fetch_add(1, Relaxed);
-        self.pools.changed.notify_waiters();
+        self.pools.wake_waiters();
+    }
+}
+
+/// One checkout in [`TargetPools::waiters`].
+struct Waiter<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiter<'a> {
+    fn count(n: &'a std::sync::atomic::AtomicUsize) -> Waiter<'a> {
+        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Waiter(n)
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -209,6 +230,7 @@ impl TargetPools {
             settings: std::sync::RwLock::new(settings),
             state: Mutex::default(),
             changed: Notify::new(),
+            waiters: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -320,6 +342,9 @@ impl TargetPools {
         let start = Instant::now();
         let deadline = start + self.settings().checkout_timeout;
         let mut counted = false;
+        // Counted before the first look (see `waiters`), until this returns
+        // or is dropped.
+        let _waiter = Waiter::count(&self.waiters);
         let res = loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -399,7 +424,14 @@ impl TargetPools {
             fingerprint,
         });
         drop(s);
-        self.changed.notify_waiters();
+        self.wake_waiters();
+    }
+
+    /// Wakes the checkouts waiting for a connection or room, if any.
+    fn wake_waiters(&self) {
+        if self.waiters.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Idle connections past `idle_timeout` (beyond `min_idle` per pool) or
