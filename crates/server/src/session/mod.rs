@@ -265,22 +265,10 @@ const PIN_PROBE: &str = "SELECT (SELECT count(*) FROM pg_listening_channels()) \
 /// A Sync message of the proxy's own.
 const SYNC: &[u8] = b"S\0\0\0\x04";
 
-/// The proxy's own query after a write: the WAL insert position (for
-/// read-your-writes in `lsn` mode) and the id of the transaction still
-/// open, if it has one (to resolve a lost COMMIT). It runs after most
-/// writes, so it is a statement prepared once per server connection
-/// ([`OWN_PARSE`], under a name no client statement takes) and then only
-/// bound and executed ([`OWN_RUN`], on the unnamed portal): the server
-/// skips parsing and planning it, which as a simple Query cost it about
-/// as much as running it. The client's unnamed statement is left alone.
-const OWN_PARSE: &[u8] = b"P\0\0\0\x63pgsplit_own\0SELECT pg_current_wal_insert_lsn()::text, pg_current_xact_id_if_assigned()::text\0\0\0";
-/// Bind (unnamed portal, [`OWN_PARSE`]'s statement, no parameters, text
-/// results), Execute and Sync.
-const OWN_RUN: &[u8] = b"B\0\0\0\x17\0pgsplit_own\0\0\0\0\0\0\0E\0\0\0\x09\0\0\0\0\0S\0\0\0\x04";
-/// The id [`OWN_PARSE`]'s statement has in `Backend::prepared`, so
-/// whatever empties that set (DISCARD, DEALLOCATE, a full cache) makes it
-/// prepared again; no content id takes it.
-const OWN_ID: u64 = u64::MAX;
+/// The proxy's own query after a write (a Query message): the WAL insert
+/// position (for read-your-writes in `lsn` mode) and the id of the
+/// transaction still open, if it has one (to resolve a lost COMMIT).
+const OWN_QUERY: &[u8] = b"Q\0\0\0\x55SELECT pg_current_wal_insert_lsn()::text, pg_current_xact_id_if_assigned()::text\0";
 
 /// COPY data is written to the server at least this often.
 const COPY_FLUSH_BYTES: usize = 256 * 1024;
@@ -626,47 +614,17 @@ async fn read_backend(b: &mut Option<Box<Backend>>) -> std::io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pgsplit_protocol::{frame, tag};
+    use pgsplit_protocol::{frame, frontend, tag};
 
     #[test]
-    fn the_own_statement_is_well_formed_parse_bind_execute_sync() {
-        let mut b = BytesMut::from(OWN_PARSE);
+    fn the_own_query_is_one_well_formed_query_message() {
+        let mut b = BytesMut::from(OWN_QUERY);
         let f = frame::decode(&mut b, 1 << 16).unwrap().unwrap();
         assert!(b.is_empty());
-        assert_eq!(f.tag(), tag::frontend::PARSE);
-        let body = f.body();
-        assert!(body.starts_with(b"pgsplit_own\0"));
-        let sql = &body[12..body.len() - 3];
+        assert_eq!(f.tag(), tag::frontend::QUERY);
         assert_eq!(
-            std::str::from_utf8(sql).unwrap(),
+            frontend::query(f.body()).unwrap(),
             "SELECT pg_current_wal_insert_lsn()::text, pg_current_xact_id_if_assigned()::text"
         );
-        assert_eq!(&body[body.len() - 3..], b"\0\0\0");
-
-        let mut b = BytesMut::from(OWN_RUN);
-        let tags: Vec<u8> = std::iter::from_fn(|| frame::decode(&mut b, 1 << 16).unwrap())
-            .map(|f| f.tag())
-            .collect();
-        assert!(b.is_empty());
-        assert_eq!(
-            tags,
-            [
-                tag::frontend::BIND,
-                tag::frontend::EXECUTE,
-                tag::frontend::SYNC
-            ]
-        );
-        let mut b = BytesMut::from(OWN_RUN);
-        let bind = frame::decode(&mut b, 1 << 16).unwrap().unwrap();
-        assert_eq!(bind.body(), b"\0pgsplit_own\0\0\0\0\0\0\0");
-    }
-
-    #[test]
-    fn no_content_id_takes_the_own_statements_id() {
-        assert_eq!(
-            &statements::server_name(OWN_ID)[..],
-            b"pgsplit_ffffffffffffffff"
-        );
-        assert_ne!(&statements::server_name(OWN_ID)[..11], b"pgsplit_own");
     }
 }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use super::resolution::{self, Resolution};
 use super::statements::idx;
-use super::{CopyIn, Expect, Reset, Session, OWN_ID};
+use super::{CopyIn, Expect, Reset, Session};
 use crate::error::Error;
 use crate::replication::parse_lsn;
 use pgsplit_protocol::sqlstate::READ_ONLY_SQL_TRANSACTION;
@@ -160,22 +160,6 @@ impl Session {
                         }
                         if let Some(xid) = column_text(body, 1).and_then(|x| x.parse().ok()) {
                             b.xid = Some(xid);
-                        }
-                    }
-                    bt::PARSE_COMPLETE if !quiet => {
-                        b.own_parse = None;
-                    }
-                    bt::ERROR_RESPONSE if !quiet => {
-                        // Ignored (in a failed block the own query fails
-                        // too), but a Parse of the own statement that
-                        // failed leaves it to be parsed again, unless it
-                        // failed because it exists (42P05).
-                        let seq = b.pending.front().map(|p| p.seq);
-                        if b.own_parse.is_some() && b.own_parse == seq {
-                            b.own_parse = None;
-                            if ErrorFields::parse(body)?.code != "42P05" {
-                                b.prepared.remove(&OWN_ID);
-                            }
                         }
                     }
                     bt::ERROR_RESPONSE if quiet => {

@@ -79,9 +79,6 @@ pub(crate) struct Backend {
     /// shared by every session that leases it, emptied past
     /// [`PREPARED_CACHE`] entries.
     pub(super) prepared: std::collections::HashSet<u64>,
-    /// The cycle whose own query carries the Parse of the proxy's own
-    /// statement (see `OWN_PARSE`), until its ParseComplete or error.
-    pub(super) own_parse: Option<u64>,
     /// The failover generation of the primary this connection is to (see
     /// [`failover`](crate::failover)); 0 for the replica.
     pub(crate) generation: u64,
@@ -100,7 +97,6 @@ impl Backend {
             carried: 0,
             reset_due: false,
             prepared: std::collections::HashSet::new(),
-            own_parse: None,
             deadline: None,
             resolving: false,
             xid: None,
@@ -214,12 +210,9 @@ impl Session {
         }
         let b = self.backends[idx(t)].as_mut().expect("ensured");
         b.pending.push_back(Pending::own(seq));
-        if b.prepared.insert(OWN_ID) {
-            // Taken as prepared from now on; undone if the Parse fails.
-            b.own_parse = Some(seq);
-            out.push(Bytes::from_static(OWN_PARSE));
-        }
-        out.push(Bytes::from_static(OWN_RUN));
+        out.push(Bytes::from_static(OWN_QUERY));
+        // A simple query ends the unnamed statement on the server.
+        self.stmts.mark_off("", t);
     }
 
     /// Makes sure a connection to `t` is open and alive. With `fallback`,
