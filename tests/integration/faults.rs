@@ -264,6 +264,47 @@ async fn primary_stopped_under_read_load_reads_see_no_error() {
     assert_eq!(count_on_primary(&s, "SELECT count(*) FROM pl"), 2);
 }
 
+/// A read running on the replica when the replica shuts down (its server
+/// ends the connection with FATAL 57P01 before any row): nothing of it
+/// reached the client and a replica writes nothing, so the primary runs it
+/// and the client gets the primary's answer, not an error. In the simple
+/// and the extended protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_running_when_the_replica_shuts_down_is_answered_by_the_primary() {
+    let mut s = stack();
+    let c = client(&s).await;
+    let gone = |s: &Stack| {
+        s.proxy()
+            .shared()
+            .stats
+            .retried_replica_gone
+            .load(Ordering::Relaxed)
+    };
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port()").await,
+        replica_port(&s)
+    );
+    let sql = "SELECT inet_server_port() FROM pg_sleep(1.5)";
+    let simple = {
+        let c = client(&s).await;
+        tokio::spawn(async move { port_of(&c, sql).await })
+    };
+    let extended = {
+        let c = client(&s).await;
+        tokio::spawn(async move {
+            let port: i32 = c.query_one(sql, &[]).await.expect("answered").get(0);
+            port
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| s.cluster_mut().stop_replica()).unwrap();
+    let primary = primary_port(&s);
+    assert_eq!(simple.await.unwrap(), primary);
+    assert_eq!(extended.await.unwrap(), primary);
+    assert_eq!(gone(&s), 2);
+    tokio::task::block_in_place(|| s.cluster_mut().start_replica()).unwrap();
+}
+
 /// The replica stopped under a parallel read load: reads move to the
 /// primary; only a read already running on the replica when it stopped
 /// may fail (at most one per session), and reads return to the replica
