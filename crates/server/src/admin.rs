@@ -326,11 +326,6 @@ pub(crate) fn metrics(shared: &Shared) -> String {
         s.retried_on_primary.load(Relaxed),
     );
     counter(
-        "pgsplit_replica_gone_retries_total",
-        "Reads whose replica connection the server ended (shutdown, crash) before any of the answer was relayed, run again on the primary.",
-        s.retried_replica_gone.load(Relaxed),
-    );
-    counter(
         "pgsplit_parser_fallbacks_total",
         "Statements the lexical classifier left to the SQL parser.",
         s.parser_decided.load(Relaxed),

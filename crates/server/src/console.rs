@@ -381,7 +381,6 @@ fn stats(shared: &Shared) -> Table {
             "retried_missing",
             s.retried_missing.iter().map(|n| n.load(Relaxed)).sum(),
         ),
-        ("retried_replica_gone", s.retried_replica_gone.load(Relaxed)),
         ("config_reloads", shared.live.reloads.load(Relaxed)),
         (
             "config_reload_failures",

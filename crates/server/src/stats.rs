@@ -47,10 +47,6 @@ pub struct Stats {
     /// Reads the replica failed for want of an object it may not have
     /// replayed yet, run again on the primary, by [`MISSING`] SQLSTATE.
     pub retried_missing: [AtomicU64; MISSING.len()],
-    /// Reads whose replica connection was ended by the server (a shutdown
-    /// or crash, 57P01–57P03) before any of the answer was relayed, run
-    /// again on the primary.
-    pub retried_replica_gone: AtomicU64,
     /// Lost commits resolved, by outcome: committed, aborted, unknown.
     pub resolutions: [AtomicU64; 3],
     pub clients_accepted: AtomicU64,

@@ -118,9 +118,6 @@ struct RetryState {
     /// The retry due is for an object the replica may not have replayed
     /// yet (the index of its SQLSTATE in `stats::MISSING`), not a write.
     missing: Option<usize>,
-    /// The retry due is for a read whose replica connection the server
-    /// ended (a shutdown or crash) before any of its answer was relayed.
-    gone: bool,
     /// The batch of a retryable extended-protocol read (see `Retry::Batch`).
     frames: Vec<Frame>,
     /// What the batcher learned of each of `frames`.

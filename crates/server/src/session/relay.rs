@@ -25,10 +25,6 @@ use pgsplit_protocol::sqlstate::READ_ONLY_SQL_TRANSACTION;
 /// those kinds means the stream is broken.
 const MAX_INSPECTED_BYTES: usize = 1 << 30;
 
-/// The SQLSTATEs of a server ending its connections: admin_shutdown,
-/// crash_shutdown, cannot_connect_now.
-const SERVER_GONE: [&str; 3] = ["57P01", "57P02", "57P03"];
-
 /// Backend messages the relay looks at outside a held or own answer; the
 /// others go to the client as they are.
 #[inline]
@@ -118,10 +114,6 @@ impl Session {
                         let code = ErrorFields::parse(body)?.code;
                         let missing = crate::stats::MISSING.iter().position(|c| *c == code);
                         let read_only = code == READ_ONLY_SQL_TRANSACTION;
-                        // The server ends the connection (FATAL) under the
-                        // read: nothing of it reached the client, and a
-                        // replica wrote nothing, so the primary runs it.
-                        let gone = t == Target::Replica && SERVER_GONE.contains(&code);
                         let missing = missing.filter(|_| {
                             t == Target::Replica
                                 && Session::replica_may_lack(
@@ -130,9 +122,8 @@ impl Session {
                                 )
                         });
                         b.hold = false;
-                        if read_only || missing.is_some() || gone {
+                        if read_only || missing.is_some() {
                             self.retry.missing = missing;
-                            self.retry.gone = gone;
                             let _ = b.conn.rbuf.split_to(run + len);
                             run = 0;
                             b.retrying = true;
@@ -586,18 +577,10 @@ impl Session {
         t: Target,
         mut first: Option<Error>,
     ) -> Result<(), Error> {
-        let Some(mut b) = self.backends[idx(t)].take() else {
+        let Some(b) = self.backends[idx(t)].take() else {
             return Ok(());
         };
         self.stmts.forget_backend(t);
-        if b.retrying && self.retry.gone {
-            // The read the server ended its connection under runs again
-            // elsewhere (see `run_due_retry`); nobody is told of the loss.
-            b.pending.pop_front();
-            b.retrying = false;
-            b.dead = false;
-            self.retry.due = true;
-        }
         if b.passthrough > 0 {
             // Part of a message already reached the client; the stream to
             // it cannot be repaired, and nothing more may be written to it.

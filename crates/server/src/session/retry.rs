@@ -42,10 +42,9 @@ impl Session {
             return Ok(());
         };
         let missing = self.retry.missing.take();
-        let gone = std::mem::take(&mut self.retry.gone);
-        self.count_retry(missing, gone);
-        let class = if gone || missing.is_some() {
-            debug!("the replica lacks what a read names, or ended its connection under it; running it on the primary");
+        self.count_retry(missing);
+        let class = if missing.is_some() {
+            debug!("the replica lacks what a read names; running it on the primary");
             Class {
                 kind: StmtKind::Read,
                 hint: Some(Target::Primary),
@@ -73,7 +72,7 @@ impl Session {
         self.seq += 1;
         let seq = self.seq;
         let b = self.backends[idx(target)].as_mut().expect("ensured");
-        let writes = missing.is_none() && !gone;
+        let writes = missing.is_none();
         b.pending.push_back(Pending {
             writes,
             own: false,
@@ -88,11 +87,10 @@ impl Session {
     }
 
     /// Counts a read run again on the primary, by why.
-    pub(super) fn count_retry(&self, missing: Option<usize>, gone: bool) {
+    pub(super) fn count_retry(&self, missing: Option<usize>) {
         use std::sync::atomic::Ordering::Relaxed;
         let stats = &self.shared.stats;
         match missing {
-            _ if gone => stats.retried_replica_gone.fetch_add(1, Relaxed),
             Some(i) => stats.retried_missing[i].fetch_add(1, Relaxed),
             None => stats.retried_on_primary.fetch_add(1, Relaxed),
         };
@@ -122,10 +120,9 @@ impl Session {
         let frames = std::mem::take(&mut self.retry.frames);
         let mut meta = std::mem::take(&mut self.retry.meta);
         let missing = self.retry.missing.take();
-        let gone = std::mem::take(&mut self.retry.gone);
-        self.count_retry(missing, gone);
-        if gone || missing.is_some() {
-            debug!("the replica lacks what a batch names, or ended its connection under it; running it on the primary");
+        self.count_retry(missing);
+        if missing.is_some() {
+            debug!("the replica lacks what a batch names; running it on the primary");
             for (f, m) in frames.iter().zip(&meta) {
                 if let Meta::Parse { name_end, .. } = *m {
                     // Parsed afresh on the primary by this batch's own Parse.
