@@ -89,7 +89,12 @@ fn init_logging(format: LogFormat) {
         Ok(t) if !spec.contains('[') => (Some(t), None),
         _ => (
             None,
-            Some(EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"))),
+            Some(EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+                eprintln!(
+                    "pgsplit: PGSPLIT_LOG={spec:?} is not a log filter ({e}); logging at info"
+                );
+                EnvFilter::new("info")
+            })),
         ),
     };
     let registry = tracing_subscriber::registry().with(targets).with(dynamic);

@@ -9,6 +9,39 @@ fn pgsplit() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pgsplit"))
 }
 
+/// A log filter that does not parse is said once on stderr, and pgsplit
+/// logs at info; target and level specs (the static filter) and span
+/// directives (the dynamic one) are taken without a word.
+#[test]
+fn an_unparsable_log_filter_is_reported_and_info_is_used() {
+    let run = |spec: &str| {
+        let out = pgsplit()
+            .env("PGSPLIT_LOG", spec)
+            .args(["--primary", "postgres://a:b@127.0.0.1:1/x"])
+            .args([
+                "--replica",
+                "postgres://a:b@127.0.0.1:2/x",
+                "--check-config",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{spec}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run("[bad");
+    assert!(
+        err.contains("PGSPLIT_LOG=\"[bad\" is not a log filter"),
+        "{err}"
+    );
+    for ok in [
+        "debug",
+        "pgsplit_server=debug,warn",
+        "[client{user=app}]=debug",
+    ] {
+        assert!(!run(ok).contains("not a log filter"), "{ok}");
+    }
+}
+
 #[test]
 fn invalid_configuration_is_one_line_naming_the_key_and_exit_2() {
     let out = pgsplit()

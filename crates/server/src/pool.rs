@@ -20,7 +20,7 @@
 //! and wakes whoever waits for room.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -102,7 +102,7 @@ pub struct TargetPools {
     /// releasing the state lock they took before looking) skips the
     /// notification's own lock.
     changed: Notify,
-    waiters: std::sync::atomic::AtomicUsize,
+    waiters: AtomicUsize,
 }
 
 /// How long connections returned after [`TargetPools::take_all_idle`] are
@@ -196,18 +196,18 @@ impl Drop for Lease {
 }
 
 /// One checkout in [`TargetPools::waiters`].
-struct Waiter<'a>(&'a std::sync::atomic::AtomicUsize);
+struct Waiter<'a>(&'a AtomicUsize);
 
 impl<'a> Waiter<'a> {
-    fn count(n: &'a std::sync::atomic::AtomicUsize) -> Waiter<'a> {
-        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    fn count(n: &'a AtomicUsize) -> Waiter<'a> {
+        n.fetch_add(1, SeqCst);
         Waiter(n)
     }
 }
 
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.fetch_sub(1, SeqCst);
     }
 }
 
@@ -230,7 +230,7 @@ impl TargetPools {
             settings: std::sync::RwLock::new(settings),
             state: Mutex::default(),
             changed: Notify::new(),
-            waiters: std::sync::atomic::AtomicUsize::new(0),
+            waiters: AtomicUsize::new(0),
         })
     }
 
@@ -429,7 +429,7 @@ impl TargetPools {
 
     /// Wakes the checkouts waiting for a connection or room, if any.
     fn wake_waiters(&self) {
-        if self.waiters.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        if self.waiters.load(SeqCst) > 0 {
             self.changed.notify_waiters();
         }
     }
