@@ -97,6 +97,21 @@ pub struct BackendConn {
     pub secret: i32,
     /// ParameterStatus values reported at login.
     pub params: Vec<(String, String)>,
+    /// The thread (one runtime each) whose reactor the socket is
+    /// registered with: see [`BackendConn::gone_while_idle`].
+    home: u64,
+}
+
+thread_local! {
+    /// A number of this thread's own, for telling runtimes apart.
+    static THREAD: u64 = {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    };
+}
+
+fn this_thread() -> u64 {
+    THREAD.with(|t| *t)
 }
 
 impl std::fmt::Debug for BackendConn {
@@ -172,6 +187,7 @@ impl BackendConn {
             pid: 0,
             secret: 0,
             params: Vec::new(),
+            home: this_thread(),
         };
         conn.login(login).await?;
         Ok(conn)
@@ -379,6 +395,17 @@ impl BackendConn {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether this pooled connection, idle until now, was closed by its
+    /// server or the network: checked before it is leased. When its socket
+    /// is registered with this thread's runtime, the runtime's readiness
+    /// (current as of its last poll of the kernel, which woke the session
+    /// now asking) answers without a system call; a connection another
+    /// runtime drives asks the kernel, as that runtime may not have seen a
+    /// reset yet.
+    pub fn gone_while_idle(&mut self) -> bool {
+        self.is_closed_while_idle() || (self.home != this_thread() && self.stream.peer_gone())
     }
 
     /// Checks, without waiting, whether the server closed this idle

@@ -78,7 +78,7 @@ pub(crate) async fn checkout(
         match pools.checkout(id, fingerprint).await {
             Err(full) => return Err(LeaseError::Full(full)),
             Ok(Checkout::Idle(mut b)) => {
-                if b.conn.is_closed_while_idle() || b.conn.stream.peer_gone() {
+                if b.conn.gone_while_idle() {
                     debug!(target = ?t, "pooled connection found closed; replacing it");
                     continue;
                 }
@@ -168,7 +168,7 @@ impl Session {
         let Some(mut b) = pools.take_idle_exact(self.pools[idx(t)], fp) else {
             return false;
         };
-        if b.conn.is_closed_while_idle() || b.conn.stream.peer_gone() {
+        if b.conn.gone_while_idle() {
             return false; // dropped: the general path opens another
         }
         self.adopt(&mut b, fp);
